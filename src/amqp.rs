@@ -1,0 +1,158 @@
+//! RabbitMQ: connecting, the topology both daemons declare, and dead-letter messages.
+
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use time::OffsetDateTime;
+
+use crate::config::{AmqpConfig, QueueType};
+use crate::reading::Rejection;
+use crate::secret::Secret;
+
+/// AMQP delivery mode of a message that survives a broker restart.
+pub const PERSISTENT: u8 = 2;
+
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// Connects; `name` shows in the RabbitMQ management UI. The URI holds the password: never log it.
+pub async fn connect(uri: &Secret, name: &str) -> lapin::Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(uri.expose(), props).await
+}
+
+/// A channel in publisher-confirm mode.
+pub async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+/// Arguments of the main queue. `Classic` declares none, so a queue the older system created
+/// (durable, no arguments) is redeclared without a PRECONDITION_FAILED.
+fn queue_arguments(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    args
+}
+
+/// Declares, idempotently, the durable direct exchange, the durable queue and their binding; with
+/// `dead_letter`, also the fanout dead-letter exchange and its queue. Dead-lettering does not rely
+/// on queue arguments: the consumer republishes rejected messages there itself.
+pub async fn declare_topology(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    dead_letter: bool,
+) -> lapin::Result<()> {
+    ch.exchange_declare(
+        cfg.exchange.as_str().into(),
+        ExchangeKind::Direct,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        cfg.queue.as_str().into(),
+        QueueDeclareOptions::durable(),
+        queue_arguments(cfg.queue_type),
+    )
+    .await?;
+    ch.queue_bind(
+        cfg.queue.as_str().into(),
+        cfg.exchange.as_str().into(),
+        cfg.routing_key.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    if dead_letter {
+        ch.exchange_declare(
+            cfg.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_declare(
+            cfg.dead_letter_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_bind(
+            cfg.dead_letter_queue.as_str().into(),
+            cfg.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Properties for the dead-letter copy of a message: the original properties, persistent, with
+/// headers saying why (`x-rejection-reason`, `x-rejection-detail`) and where it came from.
+pub fn dead_letter_properties(
+    original: &BasicProperties,
+    rejection: &Rejection,
+    exchange: &ShortString,
+    routing_key: &ShortString,
+) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+    headers.insert("x-rejection-reason".into(), text(rejection.reason.as_str()));
+    headers.insert("x-rejection-detail".into(), text(&rejection.detail));
+    headers.insert("x-original-exchange".into(), text(exchange.as_str()));
+    headers.insert("x-original-routing-key".into(), text(routing_key.as_str()));
+    headers.insert(
+        "x-rejected-at".into(),
+        AMQPValue::Timestamp(
+            OffsetDateTime::now_utc()
+                .unix_timestamp()
+                .max(0)
+                .unsigned_abs(),
+        ),
+    );
+    original
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(PERSISTENT)
+}
+
+/// Reads a string header (as RabbitMQ stores them: long strings).
+pub fn header_str<'a>(props: &'a BasicProperties, key: &str) -> Option<&'a str> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// Properties of a reading we publish.
+pub fn reading_properties(message_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE_JSON.into())
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(message_id.into())
+        .with_timestamp(
+            OffsetDateTime::now_utc()
+                .unix_timestamp()
+                .max(0)
+                .unsigned_abs(),
+        )
+}

@@ -1,0 +1,72 @@
+//! `producer`: publishes simulated weather readings to RabbitMQ. All logic is in the library.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use sistema_mensajes::config::ProducerConfig;
+use sistema_mensajes::daemon::{self, CommonArgs, EXIT_FAILURE};
+use sistema_mensajes::producer::{self, Deps, Mode};
+use tracing::{error, info};
+
+/// Publishes simulated weather readings to RabbitMQ with publisher confirms.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Publish this many readings, then exit: 0 only when the broker confirmed all of them.
+    #[arg(long, value_name = "N", conflicts_with = "send")]
+    count: Option<u64>,
+    /// Publish one hand-written message exactly as given (JSON text, or `-` for stdin), then exit.
+    #[arg(long, value_name = "JSON")]
+    send: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mode = match (&cli.send, cli.count) {
+        (Some(s), _) if s == "-" => {
+            let mut body = Vec::new();
+            if let Err(e) = std::io::stdin().read_to_end(&mut body) {
+                eprintln!("producer: cannot read stdin: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            Mode::Send(body)
+        }
+        (Some(s), _) => Mode::Send(s.clone().into_bytes()),
+        (None, Some(n)) => Mode::Count(n),
+        (None, None) => Mode::Simulate,
+    };
+    let run = || -> Result<(), ExitCode> {
+        let cfg: ProducerConfig = daemon::setup(&cli.common, "producer")?;
+        let deps = Deps::default();
+        let metrics = deps.metrics.clone();
+        let render = Arc::new(move || metrics.render());
+        // A one-shot send serves no metrics, so it runs beside a producer daemon.
+        let listen = (!matches!(mode, Mode::Send(_))).then_some(cfg.metrics.listen);
+        let timeout = cfg.shutdown_timeout;
+        let summary =
+            daemon::runtime()?.block_on(daemon::serve(listen, render, timeout, |token| {
+                producer::run(cfg, mode, deps, token)
+            }))?;
+        info!(
+            message = "Stopped.",
+            confirmed = summary.confirmed,
+            unconfirmed = summary.unconfirmed
+        );
+        if summary.unconfirmed > 0
+            || matches!((cli.count, &cli.send), (Some(n), _) if summary.confirmed < n)
+        {
+            error!(
+                message = "Not every reading was confirmed.",
+                confirmed = summary.confirmed,
+                unconfirmed = summary.unconfirmed
+            );
+            return Err(ExitCode::from(EXIT_FAILURE));
+        }
+        Ok(())
+    };
+    run().err().unwrap_or(ExitCode::SUCCESS)
+}

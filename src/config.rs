@@ -1,0 +1,675 @@
+//! Configuration: built-in defaults, then an optional TOML file, then `PRODUCER_*` / `CONSUMER_*`
+//! environment variables (`__` separates nesting: `CONSUMER_AMQP__PREFETCH=500`).
+//!
+//! Passwords never live here. They come from `*.password_file` or from a systemd credential
+//! (`amqp-password`, `postgres-password` in `$CREDENTIALS_DIRECTORY`), see [`crate::secret`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::secret::{self, Secret, SecretError, SecretSource};
+
+/// Exit code for a configuration error (sysexits `EX_CONFIG`); the units stop restarting on it.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// What replaces a password when a URL is printed.
+const REDACTED: &str = "REDACTED";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(Box<figment::Error>),
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// A RabbitMQ exchange, queue or routing key name: at most 255 bytes (an AMQP short string).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AmqpName(String);
+
+impl TryFrom<String> for AmqpName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 255 {
+            return Err(format!("`{s}` must be 1 to 255 bytes long"));
+        }
+        Ok(Self(s))
+    }
+}
+
+impl From<AmqpName> for String {
+    fn from(n: AmqpName) -> String {
+        n.0
+    }
+}
+
+impl AmqpName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AmqpName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A PostgreSQL schema name safe to use unquoted: `[a-z_][a-z0-9_]*`, at most 63 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Identifier(String);
+
+impl TryFrom<String> for Identifier {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let mut chars = s.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !first_ok || !rest_ok || s.len() > 63 {
+            return Err(format!(
+                "`{s}` is not a plain identifier ([a-z_][a-z0-9_]*, at most 63 bytes)"
+            ));
+        }
+        Ok(Self(s))
+    }
+}
+
+impl From<Identifier> for String {
+    fn from(n: Identifier) -> String {
+        n.0
+    }
+}
+
+impl Identifier {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    /// Declared with no arguments, as the older Python system did.
+    Classic,
+    /// Declared with `x-queue-type: quorum` (a new queue only: RabbitMQ refuses to change a queue's type).
+    Quorum,
+}
+
+/// RabbitMQ connection and topology.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// AMQP URI without the password, e.g. `amqp://guest@127.0.0.1:5672/%2f`.
+    pub url: Url,
+    /// File holding the password. Without it, the credential `amqp-password` is used if present.
+    pub password_file: Option<PathBuf>,
+    /// Durable direct exchange readings are published to.
+    pub exchange: AmqpName,
+    pub routing_key: AmqpName,
+    /// Durable queue the consumer reads, bound to `exchange` with `routing_key`.
+    pub queue: AmqpName,
+    pub queue_type: QueueType,
+    /// Fanout exchange and queue that rejected messages are republished to, with their reason.
+    pub dead_letter_exchange: AmqpName,
+    pub dead_letter_queue: AmqpName,
+    /// Unacknowledged deliveries the broker may push to the consumer (`basic.qos`).
+    pub prefetch: u16,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: local_url("amqp://guest@127.0.0.1:5672/%2f"),
+            password_file: None,
+            exchange: AmqpName("weather".into()),
+            routing_key: AmqpName("weather_key".into()),
+            queue: AmqpName("weather_queue".into()),
+            queue_type: QueueType::Classic,
+            dead_letter_exchange: AmqpName("weather_dead_letter".into()),
+            dead_letter_queue: AmqpName("weather_dead_letter".into()),
+            prefetch: 2000,
+        }
+    }
+}
+
+/// PostgreSQL connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `postgres://user@host:port/dbname` without the password.
+    pub url: Url,
+    /// File holding the password. Without it, the credential `postgres-password` is used if present.
+    pub password_file: Option<PathBuf>,
+    /// Schema holding `weather_logs` and `schema_migrations`; created if missing.
+    pub schema: Identifier,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Server-side limit for one statement, so a hung insert fails instead of stalling.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: local_url("postgres://postgres@127.0.0.1:5432/postgres"),
+            password_file: None,
+            schema: Identifier("public".into()),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How valid readings are grouped into one INSERT per transaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Flush when this many messages are waiting.
+    pub max_size: usize,
+    /// Flush when the oldest waiting message has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_size: 500,
+            max_wait: Duration::from_millis(20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// Larger message bodies are dead-lettered as `too_large`.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4096,
+        }
+    }
+}
+
+/// Capped exponential backoff for reconnecting to RabbitMQ and PostgreSQL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    #[serde(with = "humantime_serde")]
+    pub min_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address `/metrics` is served on when systemd does not pass a socket.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// journald when started by systemd with a journal, text on stderr otherwise.
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `info,sistema_mensajes=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info,tokio_postgres=warn".into(),
+        }
+    }
+}
+
+/// The consumer daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// How long a graceful shutdown may take before the daemon gives up and exits non-zero.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    pub amqp: AmqpConfig,
+    pub postgres: PostgresConfig,
+    pub batch: BatchConfig,
+    pub validation: ValidationConfig,
+    pub retry: RetryConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: Duration::from_secs(20),
+            amqp: AmqpConfig::default(),
+            postgres: PostgresConfig::default(),
+            batch: BatchConfig::default(),
+            validation: ValidationConfig::default(),
+            retry: RetryConfig::default(),
+            metrics: MetricsConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
+            },
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// What the producer simulates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulationConfig {
+    /// Number of simulated stations, named `STATION-001`, `STATION-002`, …
+    pub stations: u32,
+    /// Each station sends one reading this often (the older system's default was 5 s).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Total readings per second across all stations; overrides `interval` when set.
+    /// `0` means as fast as the confirm window allows.
+    pub rate: Option<f64>,
+    /// Published messages that may await their broker confirm at once.
+    pub confirm_window: usize,
+}
+
+impl Default for SimulationConfig {
+    fn default() -> Self {
+        Self {
+            stations: 5,
+            interval: Duration::from_secs(5),
+            rate: None,
+            confirm_window: 1024,
+        }
+    }
+}
+
+impl SimulationConfig {
+    /// Readings per second, `None` for unlimited.
+    pub fn total_rate(&self) -> Option<f64> {
+        match self.rate {
+            Some(0.0) => None,
+            Some(r) => Some(r),
+            None => Some(f64::from(self.stations) / self.interval.as_secs_f64()),
+        }
+    }
+}
+
+/// The producer daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerConfig {
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    pub amqp: AmqpConfig,
+    pub simulation: SimulationConfig,
+    pub retry: RetryConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: Duration::from_secs(20),
+            amqp: AmqpConfig::default(),
+            simulation: SimulationConfig::default(),
+            retry: RetryConfig::default(),
+            metrics: MetricsConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+            },
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[allow(clippy::expect_used)] // Called only with the URL literals above; a unit test parses each default.
+fn local_url(s: &str) -> Url {
+    Url::parse(s).expect("built-in default URL parses")
+}
+
+/// Both daemons' configs: loaded the same way, checked for what serde cannot check.
+pub trait DaemonConfig: Default + Serialize + DeserializeOwned {
+    /// `PRODUCER_` or `CONSUMER_`.
+    const ENV_PREFIX: &'static str;
+    fn validate(&self) -> Result<(), ConfigError>;
+    fn log(&self) -> &LogConfig;
+    /// Copy with every URL's password replaced, for printing.
+    fn redacted(&self) -> Self;
+}
+
+fn validate_url(key: &'static str, url: &Url, schemes: &[&str]) -> Result<(), ConfigError> {
+    if !schemes.contains(&url.scheme()) {
+        return Err(invalid(
+            key,
+            format!(
+                "scheme `{}` is not one of {}",
+                url.scheme(),
+                schemes.join(", ")
+            ),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(key, "the URL names no host"));
+    }
+    Ok(())
+}
+
+fn validate_common(
+    amqp: &AmqpConfig,
+    retry: &RetryConfig,
+    log: &LogConfig,
+) -> Result<(), ConfigError> {
+    validate_url("amqp.url", &amqp.url, &["amqp", "amqps"])?;
+    if amqp.prefetch == 0 {
+        return Err(invalid("amqp.prefetch", "must be at least 1"));
+    }
+    if retry.min_delay.is_zero() || retry.min_delay > retry.max_delay {
+        return Err(invalid(
+            "retry.min_delay",
+            "must be above zero and at most retry.max_delay",
+        ));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        return Err(invalid("log.level", e.to_string()));
+    }
+    Ok(())
+}
+
+fn redact_url(url: &Url) -> Url {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        // set_password only fails for URLs that cannot have one, which then have none to hide.
+        let _ = url.set_password(Some(REDACTED));
+    }
+    url
+}
+
+impl DaemonConfig for ConsumerConfig {
+    const ENV_PREFIX: &'static str = "CONSUMER_";
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        validate_common(&self.amqp, &self.retry, &self.log)?;
+        validate_url(
+            "postgres.url",
+            &self.postgres.url,
+            &["postgres", "postgresql"],
+        )?;
+        if self.batch.max_size == 0 || self.batch.max_size > usize::from(self.amqp.prefetch) {
+            return Err(invalid(
+                "batch.max_size",
+                format!(
+                    "{} must be between 1 and amqp.prefetch ({}), or a batch could never fill",
+                    self.batch.max_size, self.amqp.prefetch
+                ),
+            ));
+        }
+        if self.batch.max_wait.is_zero() {
+            return Err(invalid("batch.max_wait", "must be above zero"));
+        }
+        if self.validation.max_message_bytes == 0 {
+            return Err(invalid(
+                "validation.max_message_bytes",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    fn log(&self) -> &LogConfig {
+        &self.log
+    }
+
+    fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.amqp.url = redact_url(&c.amqp.url);
+        c.postgres.url = redact_url(&c.postgres.url);
+        c
+    }
+}
+
+impl DaemonConfig for ProducerConfig {
+    const ENV_PREFIX: &'static str = "PRODUCER_";
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        validate_common(&self.amqp, &self.retry, &self.log)?;
+        let sim = &self.simulation;
+        if sim.stations == 0 || sim.stations > 999_999 {
+            return Err(invalid(
+                "simulation.stations",
+                "must be between 1 and 999999",
+            ));
+        }
+        if sim.interval.is_zero() {
+            return Err(invalid("simulation.interval", "must be above zero"));
+        }
+        if let Some(r) = sim.rate {
+            if !r.is_finite() || r < 0.0 {
+                return Err(invalid(
+                    "simulation.rate",
+                    format!("{r} is not a rate >= 0"),
+                ));
+            }
+        }
+        if sim.confirm_window == 0 {
+            return Err(invalid("simulation.confirm_window", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn log(&self) -> &LogConfig {
+        &self.log
+    }
+
+    fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.amqp.url = redact_url(&c.amqp.url);
+        c
+    }
+}
+
+/// Defaults, then the TOML file at `path` (which must exist if given), then the environment.
+pub fn load<C: DaemonConfig>(path: Option<&Path>) -> Result<C, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(C::default()));
+    if let Some(path) = path {
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let config: C = figment
+        .merge(Env::prefixed(C::ENV_PREFIX).split("__"))
+        .extract()
+        .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Effective config as TOML with passwords redacted, for `--check-config`.
+pub fn render<C: DaemonConfig>(config: &C) -> String {
+    toml::to_string(&config.redacted()).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}
+
+/// A password and where it came from.
+pub type Password = Option<(Secret, SecretSource)>;
+
+fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+}
+
+impl AmqpConfig {
+    pub fn password(&self) -> Result<Password, ConfigError> {
+        let dir = credentials_dir();
+        Ok(secret::load(
+            "amqp.password_file",
+            self.password_file.as_deref(),
+            "amqp-password",
+            dir.as_deref(),
+        )?)
+    }
+
+    /// The URI lapin connects to, with the password filled in.
+    pub fn connect_uri(&self, password: Option<&Secret>) -> Secret {
+        Secret::new(with_password(&self.url, password).to_string())
+    }
+}
+
+impl PostgresConfig {
+    pub fn password(&self) -> Result<Password, ConfigError> {
+        let dir = credentials_dir();
+        Ok(secret::load(
+            "postgres.password_file",
+            self.password_file.as_deref(),
+            "postgres-password",
+            dir.as_deref(),
+        )?)
+    }
+}
+
+fn with_password(url: &Url, password: Option<&Secret>) -> Url {
+    let mut url = url.clone();
+    if let Some(p) = password {
+        // Fails only for URLs without a host, which validation rejects.
+        let _ = url.set_password(Some(p.expose()));
+    }
+    url
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_older_system() {
+        let c = ConsumerConfig::default();
+        c.validate().unwrap();
+        ProducerConfig::default().validate().unwrap();
+        assert_eq!(c.amqp.exchange.as_str(), "weather");
+        assert_eq!(c.amqp.queue.as_str(), "weather_queue");
+        assert_eq!(c.amqp.routing_key.as_str(), "weather_key");
+        assert_eq!(c.amqp.url.as_str(), "amqp://guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            c.postgres.url.as_str(),
+            "postgres://postgres@127.0.0.1:5432/postgres"
+        );
+    }
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[amqp]\nprefetch = 3000\nqueue = \"q1\"\n[batch]\nmax_wait = \"50ms\"\n",
+            )?;
+            jail.set_env("CONSUMER_AMQP__QUEUE", "from_env");
+            let c: ConsumerConfig = load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(c.amqp.prefetch, 3000);
+            assert_eq!(c.amqp.queue.as_str(), "from_env");
+            assert_eq!(c.batch.max_wait, Duration::from_millis(50));
+            assert_eq!(c.batch.max_size, 500);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[amqp]\nprefetchh = 3\n")?;
+            let e = load::<ConsumerConfig>(Some(Path::new("c.toml"))).unwrap_err();
+            assert!(e.to_string().contains("prefetchh"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[amqp]\nprefetch = \"many\"\n")?;
+            let e = load::<ConsumerConfig>(Some(Path::new("c.toml"))).unwrap_err();
+            assert!(e.to_string().contains("prefetch"), "{e}");
+            jail.create_file("c.toml", "[batch]\nmax_size = 5000\n")?;
+            let e = load::<ConsumerConfig>(Some(Path::new("c.toml"))).unwrap_err();
+            assert!(e.to_string().contains("batch.max_size"), "{e}");
+            jail.create_file("c.toml", "[postgres]\nurl = \"mysql://x@h/db\"\n")?;
+            let e = load::<ConsumerConfig>(Some(Path::new("c.toml"))).unwrap_err();
+            assert!(e.to_string().contains("postgres.url"), "{e}");
+            jail.create_file("c.toml", "[postgres]\nschema = \"x; drop\"\n")?;
+            let e = load::<ConsumerConfig>(Some(Path::new("c.toml"))).unwrap_err();
+            assert!(e.to_string().contains("schema"), "{e}");
+            jail.create_file("p.toml", "[simulation]\nrate = -1.0\n")?;
+            let e = load::<ProducerConfig>(Some(Path::new("p.toml"))).unwrap_err();
+            assert!(e.to_string().contains("simulation.rate"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        Jail::expect_with(|_| {
+            assert!(load::<ConsumerConfig>(Some(Path::new("absent.toml"))).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn rendered_config_hides_inline_passwords() {
+        let mut c = ConsumerConfig::default();
+        c.amqp.url = Url::parse("amqp://u:topsecret@h:5672/%2f").unwrap();
+        c.postgres.url = Url::parse("postgres://u:topsecret@h/db").unwrap();
+        let text = render(&c);
+        assert!(!text.contains("topsecret"), "{text}");
+        assert!(text.contains("REDACTED"), "{text}");
+    }
+
+    #[test]
+    fn connect_uri_fills_in_the_password() {
+        let c = AmqpConfig::default();
+        let uri = c.connect_uri(Some(&Secret::new("p@ss")));
+        assert_eq!(uri.expose(), "amqp://guest:p%40ss@127.0.0.1:5672/%2f");
+    }
+}

@@ -1,0 +1,151 @@
+//! What both binaries do around their pipeline: command line, config, logging, signals, the
+//! metrics listener and a shutdown with a deadline. The binaries stay a few lines long.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{self, DaemonConfig, EXIT_CONFIG};
+use crate::telemetry;
+
+/// Exit code for a failure at run time (connection setup, shutdown deadline, unconfirmed readings).
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Options both daemons take.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// TOML configuration file; environment variables (PRODUCER_* / CONSUMER_*, `__` for nesting)
+    /// override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print the effective one (passwords redacted) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// Loads and validates the config, and starts logging. `Err` carries the exit code: 78 for a bad
+/// config, 0 after `--check-config`.
+pub fn setup<C: DaemonConfig>(args: &CommonArgs, name: &str) -> Result<C, ExitCode> {
+    let cfg: C = config::load(args.config.as_deref()).map_err(|e| {
+        eprintln!("{name}: configuration error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    if args.check_config {
+        print!("{}", config::render(&cfg));
+        return Err(ExitCode::SUCCESS);
+    }
+    match telemetry::init(cfg.log(), name) {
+        Ok((target, fallback)) => {
+            if let Some(why) = fallback {
+                warn!(message = "Journald requested but unavailable.", why);
+            }
+            info!(message = "Starting.", version = env!("CARGO_PKG_VERSION"), log_target = ?target);
+        }
+        Err(e) => eprintln!("{name}: cannot start logging: {e}"),
+    }
+    Ok(cfg)
+}
+
+/// A multi-threaded runtime with two workers: enough for the pipeline, small in memory.
+pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        })
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = token.cancelled() => return,
+        };
+        info!(message = "Shutting down.", signal = which);
+        token.cancel();
+    });
+    Ok(())
+}
+
+/// The metrics listener: bound to `addr`.
+pub async fn metrics_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    info!(message = "Serving metrics.", address = %listener.local_addr()?, path = "/metrics");
+    Ok(listener)
+}
+
+/// Awaits `work`; once `token` is cancelled, gives it at most `deadline` to finish.
+pub async fn with_deadline<T>(
+    work: impl Future<Output = T>,
+    token: &CancellationToken,
+    deadline: Duration,
+) -> Option<T> {
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => Some(out),
+        _ = async { token.cancelled().await; tokio::time::sleep(deadline).await } => {
+            error!(message = "Shutdown took longer than shutdown_timeout; exiting anyway.", timeout_s = deadline.as_secs_f64());
+            None
+        }
+    }
+}
+
+/// Binds the metrics listener (if `listen` is set), serves `/metrics`, installs the signal handlers and runs `work`
+/// until it returns, with `shutdown_timeout` once a signal came. `Err` is the exit code.
+pub async fn serve<T, E, F, Fut>(
+    listen: Option<SocketAddr>,
+    render: crate::http::Render,
+    shutdown_timeout: Duration,
+    work: F,
+) -> Result<T, ExitCode>
+where
+    E: std::fmt::Display,
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let failure = ExitCode::from(EXIT_FAILURE);
+    let token = CancellationToken::new();
+    let listener = match listen {
+        Some(addr) => Some(metrics_listener(addr).await.map_err(|e| {
+            error!(message = "Cannot listen for metrics.", address = %addr, error = %e);
+            failure
+        })?),
+        None => None,
+    };
+    cancel_on_signals(token.clone()).map_err(|e| {
+        error!(message = "Cannot install signal handlers.", error = %e);
+        failure
+    })?;
+    let server_token = token.child_token();
+    let server = tokio::spawn(async move {
+        if let Some(listener) = listener {
+            crate::http::serve(listener, render, server_token).await;
+        }
+    });
+    let outcome = with_deadline(work(token.clone()), &token, shutdown_timeout).await;
+    token.cancel();
+    let _ = server.await;
+    match outcome {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => {
+            error!(message = "Stopped on an error.", error = %e);
+            Err(failure)
+        }
+        None => Err(failure),
+    }
+}

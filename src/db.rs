@@ -1,0 +1,227 @@
+//! PostgreSQL: connect, apply `sql/` migrations, insert batches idempotently.
+
+use std::str::FromStr;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Statement};
+use tracing::{debug, info};
+
+use crate::config::PostgresConfig;
+use crate::reading::Reading;
+use crate::secret::Secret;
+
+/// The files in `sql/`, applied in this order, each once, recorded in `schema_migrations`.
+pub const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_weather_logs",
+    include_str!("../sql/0001_weather_logs.sql"),
+)];
+
+/// Serialises concurrent migrations across consumers (any 64-bit constant unique to us).
+const MIGRATION_LOCK: i64 = 0x5349_5354_454d_4131;
+
+const INSERT: &str = "INSERT INTO weather_logs \
+    (message_id, station_id, temperature, humidity, pressure, measured_at) \
+    SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::float8[], $4::float8[], $5::float8[], $6::timestamptz[]) \
+    ON CONFLICT (message_id) DO NOTHING";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid postgres.url: {0}")]
+    Config(#[source] tokio_postgres::Error),
+    #[error("{context}: {source}")]
+    Postgres {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl DbError {
+    fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
+        move |source| DbError::Postgres { context, source }
+    }
+
+    /// The row's data broke a rule of the table (SQLSTATE class 22 or 23): retrying cannot help.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            DbError::Postgres { source, .. } => source.code().is_some_and(is_data_state),
+            DbError::Config(_) => false,
+        }
+    }
+
+    /// Label for `postgres_insert_errors_total` and logs: a bounded set.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            DbError::Config(_) => "config",
+            DbError::Postgres { source, .. } => match source.code() {
+                Some(c) if is_data_state(c) => "data_rejected",
+                Some(c) if c.code().starts_with("08") => "connection",
+                Some(&SqlState::QUERY_CANCELED) => "timeout",
+                Some(c) if c.code().starts_with("57") => "server_shutdown",
+                Some(_) => "query_failed",
+                None if source.is_closed() => "connection",
+                None => "io",
+            },
+        }
+    }
+}
+
+fn is_data_state(code: &SqlState) -> bool {
+    code.code().starts_with("22") || code.code().starts_with("23")
+}
+
+/// One connection with the insert statement prepared.
+pub struct Db {
+    client: Client,
+    insert: Statement,
+}
+
+/// Result of [`Db::insert_isolating`].
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// New rows; the rest of the accepted ones were already there (redeliveries).
+    pub inserted: u64,
+    /// Indexes into the batch of rows PostgreSQL refused, with its message.
+    pub rejected: Vec<(usize, String)>,
+}
+
+impl Db {
+    /// Connects, applies pending migrations and prepares the insert.
+    pub async fn connect(cfg: &PostgresConfig, password: Option<&Secret>) -> Result<Self, DbError> {
+        let mut pg = tokio_postgres::Config::from_str(cfg.url.as_str()).map_err(DbError::Config)?;
+        if let Some(p) = password {
+            pg.password(p.expose());
+        }
+        pg.connect_timeout(cfg.connect_timeout)
+            .keepalives_idle(std::time::Duration::from_secs(30))
+            .application_name("sistema-mensajes consumer")
+            .options(format!(
+                "-c search_path={} -c statement_timeout={}",
+                cfg.schema.as_str(),
+                cfg.statement_timeout.as_millis()
+            ));
+        let (mut client, connection) = pg.connect(NoTls).await.map_err(DbError::pg("connect"))?;
+        // The connection task ends when the client is dropped or the socket closes; the client
+        // then reports `is_closed()` and its next query fails, which is how we notice.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(message = "PostgreSQL connection ended.", error = %e);
+            }
+        });
+        migrate(&mut client, cfg.schema.as_str()).await?;
+        let insert = client
+            .prepare(INSERT)
+            .await
+            .map_err(DbError::pg("prepare insert"))?;
+        Ok(Self { client, insert })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// One multi-row INSERT (its own transaction). Rows already stored are skipped.
+    pub async fn insert(&self, rows: &[Reading]) -> Result<u64, DbError> {
+        let ids: Vec<_> = rows.iter().map(|r| r.message_id).collect();
+        let stations: Vec<_> = rows.iter().map(|r| r.station_id.as_str()).collect();
+        let temps: Vec<_> = rows.iter().map(|r| r.temperature).collect();
+        let hums: Vec<_> = rows.iter().map(|r| r.humidity).collect();
+        let press: Vec<_> = rows.iter().map(|r| r.pressure).collect();
+        let measured: Vec<_> = rows.iter().map(|r| r.measured_at).collect();
+        self.client
+            .execute(
+                &self.insert,
+                &[&ids, &stations, &temps, &hums, &press, &measured],
+            )
+            .await
+            .map_err(DbError::pg("insert batch"))
+    }
+
+    /// Inserts `rows`; if PostgreSQL refuses the data, splits the batch in halves until the
+    /// refused rows are alone, and stores all the others. Any other error is returned as is:
+    /// the caller retries the whole batch, which is safe because the insert is idempotent.
+    pub async fn insert_isolating(&self, rows: &[Reading]) -> Result<Stored, DbError> {
+        let mut stored = Stored::default();
+        let mut pending = vec![(0, rows.len())];
+        while let Some((start, end)) = pending.pop() {
+            match self.insert(&rows[start..end]).await {
+                Ok(n) => stored.inserted += n,
+                Err(e) if e.is_data_error() && end - start == 1 => {
+                    stored.rejected.push((start, format!("{e}")));
+                }
+                Err(e) if e.is_data_error() => {
+                    let mid = start + (end - start) / 2;
+                    pending.push((mid, end));
+                    pending.push((start, mid));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(stored)
+    }
+}
+
+/// Applies what `schema_migrations` does not list yet, under an advisory lock so two consumers
+/// starting together take turns.
+async fn migrate(client: &mut Client, schema: &str) -> Result<(), DbError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::pg("begin migration"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(DbError::pg("lock migrations"))?;
+    // `schema` is an `Identifier`: lowercase letters, digits and `_` only, so it needs no quoting.
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    text        PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );"
+    ))
+    .await
+    .map_err(DbError::pg("create schema_migrations"))?;
+    for (version, sql) in MIGRATIONS {
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await
+            .map_err(DbError::pg("read schema_migrations"))?
+            .is_some();
+        if done {
+            continue;
+        }
+        tx.batch_execute(sql)
+            .await
+            .map_err(DbError::pg("apply migration"))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(DbError::pg("record migration"))?;
+        info!(message = "Applied database migration.", version, schema);
+    }
+    tx.commit().await.map_err(DbError::pg("commit migration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sql_file_is_a_migration_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .map(|n| n.trim_end_matches(".sql").to_owned())
+            .collect();
+        files.sort();
+        let listed: Vec<_> = MIGRATIONS.iter().map(|(v, _)| v.to_string()).collect();
+        assert_eq!(files, listed);
+    }
+}

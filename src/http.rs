@@ -1,0 +1,85 @@
+//! `/metrics` over HTTP/1 with hyper. The listener is passed in: bound by the daemon, or handed
+//! over by systemd.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Renders the metrics text; called on every scrape.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// How long open scrapes may take to finish once shutdown starts.
+const DRAIN: Duration = Duration::from_secs(2);
+
+fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
+    let (status, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, render()),
+        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_owned()),
+        _ => (StatusCode::NOT_FOUND, "see /metrics\n".to_owned()),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+/// Serves until `token` is cancelled, then lets open requests finish (at most 2 s).
+pub async fn serve(listener: TcpListener, render: Render, token: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let mut accept_backoff = Duration::from_millis(10);
+    loop {
+        let stream = tokio::select! {
+            _ = token.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    accept_backoff = Duration::from_millis(10);
+                    stream
+                }
+                Err(e) => {
+                    // EMFILE and friends: wait, do not spin.
+                    warn!(message = "Cannot accept a metrics connection.", error = %e);
+                    tokio::time::sleep(accept_backoff).await;
+                    accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let render = render.clone();
+        let service = service_fn(move |req| {
+            let resp = respond(&req, &render);
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        let conn = http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(message = "Metrics connection ended with an error.", error = %e);
+            }
+        });
+    }
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        debug!("Metrics connections still open after the drain period; dropping them.");
+    }
+}

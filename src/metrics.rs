@@ -1,0 +1,306 @@
+//! Prometheus metrics of both daemons. One struct per daemon, one field per metric, each with its
+//! own registry: passed around in an `Arc`, never global, so tests can run many daemons at once.
+//!
+//! The consumer keeps the older system's names: `messages_processed_total`,
+//! `messages_per_second`, `consumer_memory_usage_bytes`, `postgres_insert_errors_total`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::reading::RejectReason;
+
+/// The window `messages_per_second` averages over.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, name, Box::new(c.clone()));
+    c
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, name, Box::new(g.clone()));
+    g
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, name, Box::new(g.clone()));
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, name, Box::new(h.clone()));
+    h
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label])
+        .unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, name, Box::new(c.clone()));
+    c
+}
+
+fn register(registry: &Registry, name: &str, c: Box<dyn prometheus::core::Collector>) {
+    if let Err(e) = registry.register(c) {
+        unreachable_metric(name, e)
+    }
+}
+
+/// Metric construction fails only for an invalid or duplicate name; names are literals in this
+/// file and every registry is fresh, which the unit tests exercise.
+#[allow(clippy::panic)]
+fn unreachable_metric(name: &str, e: prometheus::Error) -> ! {
+    panic!("metric {name} cannot be registered: {e}")
+}
+
+fn build_info(registry: &Registry, daemon: &str) {
+    let g = prometheus::IntGaugeVec::new(
+        Opts::new(
+            "sistema_mensajes_build_info",
+            "Always 1; labels name the running build.",
+        ),
+        &["daemon", "version"],
+    )
+    .unwrap_or_else(|e| unreachable_metric("sistema_mensajes_build_info", e));
+    g.with_label_values(&[daemon, env!("CARGO_PKG_VERSION")])
+        .set(1);
+    register(registry, "sistema_mensajes_build_info", Box::new(g));
+}
+
+/// Resident set size of this process in bytes, read from `/proc/self/statm`.
+pub fn resident_memory_bytes() -> Option<u64> {
+    let statm = procfs::process::Process::myself().ok()?.statm().ok()?;
+    Some(statm.resident * procfs::page_size())
+}
+
+fn encode(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    // Encoding into a Vec only fails on metric families that could not have been registered.
+    let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+pub struct ConsumerMetrics {
+    registry: Registry,
+    pub processed: IntCounter,
+    pub per_second: Gauge,
+    pub memory: IntGauge,
+    pub insert_errors: IntCounter,
+    pub rejected: IntCounterVec,
+    pub duplicates: IntCounter,
+    pub pending: IntGauge,
+    pub insert_duration: Histogram,
+    pub batch_size: Histogram,
+    pub amqp_connection_errors: IntCounter,
+    pub postgres_connection_errors: IntCounter,
+    pub last_commit: Gauge,
+}
+
+impl ConsumerMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let m = Self {
+            processed: counter(&r, "messages_processed_total", "Readings stored in PostgreSQL and acknowledged (redeliveries of stored readings included)."),
+            per_second: gauge(&r, "messages_per_second", "Readings stored per second, averaged over the last 10 seconds."),
+            memory: int_gauge(&r, "consumer_memory_usage_bytes", "Resident memory of the consumer process (procfs), in bytes."),
+            insert_errors: counter(&r, "postgres_insert_errors_total", "Failed attempts to insert a batch into PostgreSQL."),
+            rejected: counter_vec(&r, "messages_rejected_total", "Messages dead-lettered, by reason.", "reason"),
+            duplicates: counter(&r, "messages_duplicate_total", "Readings acknowledged without a new row because their message_id was already stored."),
+            pending: int_gauge(&r, "consumer_pending_messages", "Messages received and not yet acknowledged."),
+            insert_duration: histogram(&r, "postgres_insert_duration_seconds", "Time to store one batch, including isolating refused rows.", prometheus::exponential_buckets(0.0005, 2.0, 14).unwrap_or_default()),
+            batch_size: histogram(&r, "consumer_batch_size_messages", "Messages per batch (stored and dead-lettered).", vec![1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0]),
+            amqp_connection_errors: counter(&r, "amqp_connection_errors_total", "RabbitMQ connections lost or attempts that failed."),
+            postgres_connection_errors: counter(&r, "postgres_connection_errors_total", "PostgreSQL connections lost or attempts that failed."),
+            last_commit: gauge(&r, "consumer_last_commit_timestamp_seconds", "Unix time of the last batch stored and acknowledged."),
+            registry: r,
+        };
+        for reason in RejectReason::ALL {
+            m.rejected.with_label_values(&[reason.as_str()]);
+        }
+        build_info(&m.registry, "consumer");
+        m
+    }
+
+    /// Text exposition, with the memory gauge read fresh.
+    pub fn render(&self) -> String {
+        if let Some(rss) = resident_memory_bytes() {
+            self.memory.set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
+        encode(&self.registry)
+    }
+}
+
+impl Default for ConsumerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub struct ProducerMetrics {
+    registry: Registry,
+    pub published: IntCounter,
+    pub confirmed: IntCounter,
+    pub returned: IntCounter,
+    pub nacked: IntCounter,
+    pub republished: IntCounter,
+    pub unconfirmed: IntGauge,
+    pub confirm_duration: Histogram,
+    pub memory: IntGauge,
+    pub amqp_connection_errors: IntCounter,
+}
+
+impl ProducerMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let m = Self {
+            published: counter(
+                &r,
+                "messages_published_total",
+                "Publishes sent to RabbitMQ, retries included.",
+            ),
+            confirmed: counter(
+                &r,
+                "messages_confirmed_total",
+                "Readings the broker confirmed (routed and stored).",
+            ),
+            returned: counter(
+                &r,
+                "messages_returned_total",
+                "Publishes returned by the broker as unroutable; they are retried.",
+            ),
+            nacked: counter(
+                &r,
+                "messages_nacked_total",
+                "Publishes the broker refused (nack); they are retried.",
+            ),
+            republished: counter(
+                &r,
+                "messages_republished_total",
+                "Publishes of readings sent before without a positive confirm.",
+            ),
+            unconfirmed: int_gauge(
+                &r,
+                "producer_unconfirmed_messages",
+                "Readings published and awaiting their confirm, or waiting to be retried.",
+            ),
+            confirm_duration: histogram(
+                &r,
+                "publish_confirm_duration_seconds",
+                "Time from publish to the broker's confirm.",
+                prometheus::exponential_buckets(0.0001, 2.0, 16).unwrap_or_default(),
+            ),
+            memory: int_gauge(
+                &r,
+                "producer_memory_usage_bytes",
+                "Resident memory of the producer process (procfs), in bytes.",
+            ),
+            amqp_connection_errors: counter(
+                &r,
+                "amqp_connection_errors_total",
+                "RabbitMQ connections lost or attempts that failed.",
+            ),
+            registry: r,
+        };
+        build_info(&m.registry, "producer");
+        m
+    }
+
+    pub fn render(&self) -> String {
+        if let Some(rss) = resident_memory_bytes() {
+            self.memory.set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
+        encode(&self.registry)
+    }
+}
+
+impl Default for ProducerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Average rate of a growing count over a sliding window of samples.
+#[derive(Debug)]
+pub struct RateWindow {
+    window: Duration,
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RateWindow {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            samples: VecDeque::new(),
+        }
+    }
+
+    /// Records `count` at `now`; returns the rate per second over the window (0 until two samples).
+    pub fn observe(&mut self, now: Instant, count: u64) -> f64 {
+        self.samples.push_back((now, count));
+        while let Some(&(t, _)) = self.samples.front() {
+            if now.duration_since(t) > self.window && self.samples.len() > 2 {
+                self.samples.pop_front();
+            } else {
+                break;
+            }
+        }
+        match (self.samples.front(), self.samples.back()) {
+            (Some(&(t0, c0)), Some(&(t1, c1))) if t1 > t0 => {
+                c1.saturating_sub(c0) as f64 / t1.duration_since(t0).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_window_averages_over_the_window_only() {
+        let t0 = Instant::now();
+        let mut w = RateWindow::new(Duration::from_secs(10));
+        assert_eq!(w.observe(t0, 0), 0.0);
+        for s in 1..=10 {
+            w.observe(t0 + Duration::from_secs(s), s * 100);
+        }
+        assert_eq!(w.observe(t0 + Duration::from_secs(10), 1000), 100.0);
+        // Stalls: after 10 s without progress the rate falls to zero.
+        let r = w.observe(t0 + Duration::from_secs(21), 1000);
+        assert!(r < 1.0, "{r}");
+    }
+
+    #[test]
+    fn consumer_exposition_has_the_old_names_and_memory() {
+        let m = ConsumerMetrics::new();
+        m.processed.inc_by(3);
+        let text = m.render();
+        for name in [
+            "messages_processed_total 3",
+            "messages_per_second ",
+            "consumer_memory_usage_bytes ",
+            "postgres_insert_errors_total 0",
+            "messages_rejected_total{reason=\"malformed_json\"} 0",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+        assert!(m.memory.get() > 1_000_000, "RSS {}", m.memory.get());
+    }
+
+    #[test]
+    fn producer_exposition_renders() {
+        let text = ProducerMetrics::new().render();
+        assert!(text.contains("messages_confirmed_total 0"), "{text}");
+        assert!(text.contains("producer_memory_usage_bytes "), "{text}");
+    }
+}

@@ -1,0 +1,462 @@
+//! The producer: simulated readings → RabbitMQ, with publisher confirms.
+//!
+//! Up to `simulation.confirm_window` publishes await their confirm at once. A nack, a return
+//! (unroutable; we publish `mandatory`) or a lost connection puts the reading back in a retry
+//! queue, republished after a backoff or on the next connection, with the same message id, so the
+//! consumer stores it once however often it is sent. Nothing is forgotten: a reading leaves the
+//! producer's memory only on a positive, routed confirm.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use lapin::options::BasicPublishOptions;
+use lapin::{Channel, Confirmation, Connection};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+use uuid::Uuid;
+
+use crate::amqp;
+use crate::config::ProducerConfig;
+use crate::health::{Health, Phase};
+use crate::metrics::ProducerMetrics;
+use crate::retry;
+use crate::secret::Secret;
+use crate::station::Stations;
+use crate::telemetry::LogLimiter;
+
+/// How often the pacer wakes up to publish what is due.
+const PACE_TICK: Duration = Duration::from_millis(5);
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Simulated readings until stopped.
+    Simulate,
+    /// Exactly this many simulated readings, then stop.
+    Count(u64),
+    /// One message with exactly these bytes (a hand-written reading, valid or not).
+    Send(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Readings the broker confirmed as routed and stored.
+    pub confirmed: u64,
+    /// Readings still without a positive confirm when the producer stopped.
+    pub unconfirmed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    #[error("cannot read a password: {0}")]
+    Config(#[from] crate::config::ConfigError),
+}
+
+#[derive(Clone, Default)]
+pub struct Deps {
+    pub metrics: Arc<ProducerMetrics>,
+    pub health: Arc<Health>,
+}
+
+struct Outgoing {
+    id: String,
+    body: Vec<u8>,
+    published_before: bool,
+}
+
+enum Source {
+    Stations {
+        stations: Box<Stations>,
+        remaining: Option<u64>,
+    },
+    One(Option<Vec<u8>>),
+}
+
+impl Source {
+    fn next(&mut self) -> Option<Outgoing> {
+        match self {
+            Source::Stations {
+                stations,
+                remaining,
+            } => {
+                if let Some(r) = remaining {
+                    if *r == 0 {
+                        return None;
+                    }
+                    *r -= 1;
+                }
+                let (id, body) = stations.sample();
+                Some(Outgoing {
+                    id: id.to_string(),
+                    body,
+                    published_before: false,
+                })
+            }
+            Source::One(body) => body.take().map(|body| Outgoing {
+                id: Uuid::now_v7().to_string(),
+                body,
+                published_before: false,
+            }),
+        }
+    }
+
+    fn exhausted(&self) -> bool {
+        match self {
+            Source::Stations { remaining, .. } => *remaining == Some(0),
+            Source::One(body) => body.is_none(),
+        }
+    }
+}
+
+/// Releases readings at a steady rate; never more than `burst` at once after a stall.
+struct Pacer {
+    rate: Option<f64>,
+    start: Instant,
+    released: u64,
+}
+
+impl Pacer {
+    fn new(rate: Option<f64>) -> Self {
+        Self {
+            rate,
+            start: Instant::now(),
+            released: 0,
+        }
+    }
+
+    /// How many readings are due now, at most `room`.
+    fn due(&mut self, now: Instant, room: usize) -> usize {
+        let Some(rate) = self.rate else { return room };
+        let target = (now.duration_since(self.start).as_secs_f64() * rate) as u64;
+        let owed = target.saturating_sub(self.released);
+        if owed > room as u64 + 1 {
+            // Sensors sample when they can: readings missed while stalled are skipped, not bunched.
+            let skipped = owed - room as u64;
+            self.released += skipped;
+        }
+        let due = target.saturating_sub(self.released).min(room as u64) as usize;
+        self.released += due as u64;
+        due
+    }
+}
+
+type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
+
+/// The state that outlives a connection.
+struct Publisher {
+    cfg: ProducerConfig,
+    metrics: Arc<ProducerMetrics>,
+    source: Source,
+    pacer: Pacer,
+    retry: VecDeque<Outgoing>,
+    retry_after: Option<tokio::time::Instant>,
+    retry_delays: Box<dyn Iterator<Item = Duration> + Send>,
+    summary: Summary,
+    log: LogLimiter,
+}
+
+/// Runs until the mode's readings are all confirmed or `token` is cancelled.
+pub async fn run(
+    cfg: ProducerConfig,
+    mode: Mode,
+    deps: Deps,
+    token: CancellationToken,
+) -> Result<Summary, ProducerError> {
+    let password = cfg.amqp.password()?;
+    if let Some((_, source)) = &password {
+        info!(message = "Using a password from a file.", what = "amqp", source = ?source);
+    }
+    let uri = cfg.amqp.connect_uri(password.as_ref().map(|(s, _)| s));
+    let source = match mode {
+        Mode::Simulate => Source::Stations {
+            stations: Box::new(Stations::new(cfg.simulation.stations)),
+            remaining: None,
+        },
+        Mode::Count(n) => Source::Stations {
+            stations: Box::new(Stations::new(cfg.simulation.stations)),
+            remaining: Some(n),
+        },
+        Mode::Send(body) => Source::One(Some(body)),
+    };
+    let rate = match source {
+        Source::One(_) => None,
+        Source::Stations { .. } => cfg.simulation.total_rate(),
+    };
+    let mut publisher = Publisher {
+        retry_delays: Box::new(retry::delays(&cfg.retry)),
+        cfg,
+        metrics: deps.metrics,
+        source,
+        pacer: Pacer::new(rate),
+        retry: VecDeque::new(),
+        retry_after: None,
+        summary: Summary::default(),
+        log: LogLimiter::new(5, Duration::from_secs(10)),
+    };
+    publisher
+        .run(&uri, &deps.health, &token)
+        .instrument(info_span!("publish"))
+        .await;
+    publisher.summary.unconfirmed = publisher.retry.len() as u64;
+    Ok(publisher.summary)
+}
+
+async fn open(cfg: &ProducerConfig, uri: &Secret) -> lapin::Result<(Connection, Channel)> {
+    let conn = amqp::connect(uri, "sistema-mensajes producer").await?;
+    let channel = amqp::confirm_channel(&conn).await?;
+    amqp::declare_topology(&channel, &cfg.amqp, false).await?;
+    Ok((conn, channel))
+}
+
+impl Publisher {
+    async fn run(&mut self, uri: &Secret, health: &Health, token: &CancellationToken) {
+        let mut reconnect = retry::delays(&self.cfg.retry);
+        loop {
+            health.set_phase(Phase::WaitingForBroker);
+            let metrics = self.metrics.clone();
+            let connected = retry::until_ok(
+                "rabbitmq",
+                &self.cfg.retry,
+                token,
+                || {
+                    health.beat();
+                    open(&self.cfg, uri)
+                },
+                |e: &lapin::Error| {
+                    metrics.amqp_connection_errors.inc();
+                    health.set_problem(Some(format!("broker unreachable: {e}")));
+                },
+            )
+            .await;
+            let Some((conn, channel)) = connected else {
+                return;
+            };
+            info!(
+                message = "Publishing.",
+                exchange = self.cfg.amqp.exchange.as_str(),
+                routing_key = self.cfg.amqp.routing_key.as_str(),
+                confirm_window = self.cfg.simulation.confirm_window,
+                retrying = self.retry.len()
+            );
+            health.set_problem(None);
+            health.set_phase(Phase::Running);
+            match self.session(&channel, health, token).await {
+                Ok(()) => {
+                    if let Err(e) = conn.close(200, "producer stopping".into()).await {
+                        debug!(message = "Closing the RabbitMQ connection failed.", error = %e);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.metrics.amqp_connection_errors.inc();
+                    health.set_problem(Some(format!("broker connection lost: {e}")));
+                    warn!(message = "Lost the RabbitMQ connection; unconfirmed readings will be republished.", error = %e, error_type = "connection_lost", stage = "sending", retrying = self.retry.len());
+                    if !retry::pause(&mut reconnect, token).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes on one channel until done (`Ok`) or the channel fails (`Err`); on failure every
+    /// unconfirmed reading is back in the retry queue.
+    async fn session(
+        &mut self,
+        channel: &Channel,
+        health: &Health,
+        token: &CancellationToken,
+    ) -> lapin::Result<()> {
+        let mut inflight: HashMap<u64, (Outgoing, Instant)> = HashMap::new();
+        let mut confirms: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
+        let mut seq: u64 = 0;
+        let mut tick = tokio::time::interval(PACE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let window = self.cfg.simulation.confirm_window;
+        let result = loop {
+            let stopping = token.is_cancelled();
+            if let Err(e) = self
+                .fill(
+                    channel,
+                    &mut inflight,
+                    &mut confirms,
+                    &mut seq,
+                    window,
+                    stopping,
+                )
+                .await
+            {
+                break Err(e);
+            }
+            self.metrics
+                .unconfirmed
+                .set((inflight.len() + self.retry.len()) as i64);
+            if inflight.is_empty()
+                && (stopping || (self.source.exhausted() && self.retry.is_empty()))
+            {
+                break Ok(());
+            }
+            tokio::select! {
+                Some((n, confirmation)) = confirms.next() => {
+                    let Some((msg, sent)) = inflight.remove(&n) else { continue };
+                    match confirmation {
+                        Ok(c) => self.settle(msg, sent, c),
+                        Err(e) => {
+                            self.retry.push_back(msg);
+                            break Err(e);
+                        }
+                    }
+                }
+                _ = tick.tick() => {}
+                _ = token.cancelled(), if !stopping => {
+                    info!(message = "Stopping: waiting for outstanding confirms.", unconfirmed = inflight.len());
+                }
+            }
+            health.beat();
+        };
+        if result.is_err() {
+            // Oldest first, ahead of anything already waiting.
+            let mut lost: Vec<_> = inflight.drain().collect();
+            lost.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+            for (_, (msg, _)) in lost {
+                self.retry.push_front(msg);
+            }
+        }
+        result
+    }
+
+    /// Publishes retries that are due, then new readings that are due, while the window has room.
+    async fn fill(
+        &mut self,
+        channel: &Channel,
+        inflight: &mut HashMap<u64, (Outgoing, Instant)>,
+        confirms: &mut FuturesUnordered<ConfirmFuture>,
+        seq: &mut u64,
+        window: usize,
+        stopping: bool,
+    ) -> lapin::Result<()> {
+        if stopping {
+            return Ok(());
+        }
+        let retry_due = self
+            .retry_after
+            .is_none_or(|t| t <= tokio::time::Instant::now());
+        let mut room = window.saturating_sub(inflight.len());
+        let mut new = self.pacer.due(
+            Instant::now(),
+            room.saturating_sub(if retry_due { self.retry.len() } else { 0 }),
+        );
+        while room > 0 {
+            let msg = if retry_due && !self.retry.is_empty() {
+                self.retry.pop_front()
+            } else if new > 0 {
+                new -= 1;
+                self.source.next()
+            } else {
+                None
+            };
+            let Some(msg) = msg else { break };
+            let props = amqp::reading_properties(&msg.id);
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            };
+            let confirm = match channel
+                .basic_publish(
+                    self.cfg.amqp.exchange.as_str().into(),
+                    self.cfg.amqp.routing_key.as_str().into(),
+                    options,
+                    &msg.body,
+                    props,
+                )
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    self.retry.push_front(msg);
+                    return Err(e);
+                }
+            };
+            self.metrics.published.inc();
+            if msg.published_before {
+                self.metrics.republished.inc();
+            }
+            *seq += 1;
+            let n = *seq;
+            confirms.push(confirm.map(move |c| (n, c)).boxed());
+            inflight.insert(
+                n,
+                (
+                    Outgoing {
+                        published_before: true,
+                        ..msg
+                    },
+                    Instant::now(),
+                ),
+            );
+            room -= 1;
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self, msg: Outgoing, sent: Instant, confirmation: Confirmation) {
+        self.metrics
+            .confirm_duration
+            .observe(sent.elapsed().as_secs_f64());
+        let problem = match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => {
+                self.summary.confirmed += 1;
+                self.metrics.confirmed.inc();
+                if self.retry_after.take().is_some() {
+                    self.retry_delays = Box::new(retry::delays(&self.cfg.retry));
+                }
+                return;
+            }
+            Confirmation::Ack(Some(returned)) => {
+                self.metrics.returned.inc();
+                format!(
+                    "returned as unroutable ({} {})",
+                    returned.reply_code, returned.reply_text
+                )
+            }
+            Confirmation::Nack(_) => {
+                self.metrics.nacked.inc();
+                "nacked by the broker".to_owned()
+            }
+        };
+        let delay = self.retry_delays.next().unwrap_or(Duration::from_secs(1));
+        self.retry_after = Some(tokio::time::Instant::now() + delay);
+        if let Some(suppressed) = self.log.allow(Instant::now()) {
+            warn!(
+                message = "A reading was not accepted; it will be republished.",
+                problem,
+                message_id = msg.id,
+                retry_in_ms = delay.as_millis() as u64,
+                suppressed
+            );
+        }
+        self.retry.push_back(msg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_releases_at_the_rate_and_skips_after_a_stall() {
+        let mut p = Pacer::new(Some(100.0));
+        let t0 = p.start;
+        assert_eq!(p.due(t0 + Duration::from_millis(50), 1000), 5);
+        assert_eq!(p.due(t0 + Duration::from_millis(100), 1000), 5);
+        // A 10 s stall with room for 3: three now, the rest skipped, no burst afterwards.
+        assert_eq!(p.due(t0 + Duration::from_secs(10), 3), 3);
+        assert_eq!(p.due(t0 + Duration::from_millis(10_010), 1000), 1);
+        let mut unlimited = Pacer::new(None);
+        assert_eq!(unlimited.due(Instant::now(), 7), 7);
+    }
+}

@@ -1,0 +1,399 @@
+//! The wire format of a weather reading, and its validation.
+//!
+//! ```json
+//! {"station_id": "STATION-001", "temperature": 21.37, "humidity": 55.02, "pressure": 1012.33,
+//!  "message_id": "0193…", "measured_at": "2026-11-27T21:00:00.123Z"}
+//! ```
+//! `message_id` and `measured_at` are optional: the older Python producer sent only the first four.
+//! Unknown fields are ignored.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Plausible surface values; anything outside is a broken sensor or a broken message.
+pub const TEMPERATURE_RANGE: (f64, f64) = (-90.0, 60.0);
+pub const HUMIDITY_RANGE: (f64, f64) = (0.0, 100.0);
+pub const PRESSURE_RANGE: (f64, f64) = (850.0, 1100.0);
+pub const MAX_STATION_ID_CHARS: usize = 64;
+
+/// Namespace for ids derived from message content when a message carries none (older clients):
+/// the same bytes always get the same id, so a redelivery is still recognised as a duplicate.
+const CONTENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d2c_4d1e_8f3a_4b7e_9a51_0c3e_57a1_e9b2);
+
+/// A valid reading, ready to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub message_id: Uuid,
+    pub station_id: String,
+    pub temperature: f64,
+    pub humidity: f64,
+    pub pressure: f64,
+    pub measured_at: Option<OffsetDateTime>,
+}
+
+/// Why a message was dead-lettered. A closed set: it is a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    Empty,
+    TooLarge,
+    NotUtf8,
+    MalformedJson,
+    NotObject,
+    MissingField,
+    WrongType,
+    NonFinite,
+    OutOfRange,
+    InvalidStationId,
+    InvalidMessageId,
+    InvalidTimestamp,
+    /// Valid here, but PostgreSQL refused the row (a constraint added by the operator, say).
+    DatabaseRejected,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 13] = [
+        Self::Empty,
+        Self::TooLarge,
+        Self::NotUtf8,
+        Self::MalformedJson,
+        Self::NotObject,
+        Self::MissingField,
+        Self::WrongType,
+        Self::NonFinite,
+        Self::OutOfRange,
+        Self::InvalidStationId,
+        Self::InvalidMessageId,
+        Self::InvalidTimestamp,
+        Self::DatabaseRejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::TooLarge => "too_large",
+            Self::NotUtf8 => "not_utf8",
+            Self::MalformedJson => "malformed_json",
+            Self::NotObject => "not_object",
+            Self::MissingField => "missing_field",
+            Self::WrongType => "wrong_type",
+            Self::NonFinite => "non_finite",
+            Self::OutOfRange => "out_of_range",
+            Self::InvalidStationId => "invalid_station_id",
+            Self::InvalidMessageId => "invalid_message_id",
+            Self::InvalidTimestamp => "invalid_timestamp",
+            Self::DatabaseRejected => "database_rejected",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejected message: the reason (for metrics) and a sentence for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    station_id: Option<Value>,
+    temperature: Option<Value>,
+    humidity: Option<Value>,
+    pressure: Option<Value>,
+    message_id: Option<Value>,
+    measured_at: Option<Value>,
+}
+
+/// What our producer sends.
+#[derive(Serialize)]
+pub struct OutgoingReading<'a> {
+    pub station_id: &'a str,
+    pub temperature: f64,
+    pub humidity: f64,
+    pub pressure: f64,
+    pub message_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub measured_at: OffsetDateTime,
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn required<'a>(field: &'static str, v: &'a Option<Value>) -> Result<&'a Value, Rejection> {
+    v.as_ref().ok_or_else(|| {
+        Rejection::new(
+            RejectReason::MissingField,
+            format!("field `{field}` is missing or null"),
+        )
+    })
+}
+
+fn number(field: &'static str, v: &Option<Value>, range: (f64, f64)) -> Result<f64, Rejection> {
+    let v = required(field, v)?;
+    let n = v.as_f64().ok_or_else(|| {
+        Rejection::new(
+            RejectReason::WrongType,
+            format!("field `{field}` must be a number, found {}", json_type(v)),
+        )
+    })?;
+    if !n.is_finite() {
+        return Err(Rejection::new(
+            RejectReason::NonFinite,
+            format!("field `{field}` is not finite"),
+        ));
+    }
+    if n < range.0 || n > range.1 {
+        return Err(Rejection::new(
+            RejectReason::OutOfRange,
+            format!(
+                "field `{field}` = {n} is outside [{}, {}]",
+                range.0, range.1
+            ),
+        ));
+    }
+    Ok(n)
+}
+
+fn string<'a>(field: &'static str, v: &'a Value) -> Result<&'a str, Rejection> {
+    v.as_str().ok_or_else(|| {
+        Rejection::new(
+            RejectReason::WrongType,
+            format!("field `{field}` must be a string, found {}", json_type(v)),
+        )
+    })
+}
+
+fn station_id(v: &Option<Value>) -> Result<String, Rejection> {
+    let s = string("station_id", required("station_id", v)?)?;
+    let chars = s.chars().count();
+    if s.trim().is_empty() || chars > MAX_STATION_ID_CHARS || s.chars().any(char::is_control) {
+        return Err(Rejection::new(
+            RejectReason::InvalidStationId,
+            format!(
+                "field `station_id` must be 1 to {MAX_STATION_ID_CHARS} printable characters, found {chars}"
+            ),
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+fn classify_json_error(body: &str, e: &serde_json::Error) -> Rejection {
+    let text = e.to_string();
+    if text.contains("number out of range") {
+        return Rejection::new(
+            RejectReason::NonFinite,
+            format!("a number is not finite: {e}"),
+        );
+    }
+    if e.is_data() && !body.trim_start().starts_with('{') {
+        return Rejection::new(RejectReason::NotObject, "the message is not a JSON object");
+    }
+    Rejection::new(RejectReason::MalformedJson, format!("not valid JSON: {e}"))
+}
+
+/// Checks one message body. `property_id` is the AMQP `message-id` property, if any.
+pub fn decode(
+    body: &[u8],
+    property_id: Option<&str>,
+    max_bytes: usize,
+) -> Result<Reading, Rejection> {
+    if body.is_empty() {
+        return Err(Rejection::new(
+            RejectReason::Empty,
+            "the message body is empty",
+        ));
+    }
+    if body.len() > max_bytes {
+        return Err(Rejection::new(
+            RejectReason::TooLarge,
+            format!(
+                "the body has {} bytes, more than the limit of {max_bytes}",
+                body.len()
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| {
+        Rejection::new(RejectReason::NotUtf8, format!("the body is not UTF-8: {e}"))
+    })?;
+    let wire: Wire = serde_json::from_str(text).map_err(|e| classify_json_error(text, &e))?;
+
+    let station_id = station_id(&wire.station_id)?;
+    let temperature = number("temperature", &wire.temperature, TEMPERATURE_RANGE)?;
+    let humidity = number("humidity", &wire.humidity, HUMIDITY_RANGE)?;
+    let pressure = number("pressure", &wire.pressure, PRESSURE_RANGE)?;
+    let body_id = match &wire.message_id {
+        None => None,
+        Some(v) => Some(Uuid::parse_str(string("message_id", v)?).map_err(|e| {
+            Rejection::new(
+                RejectReason::InvalidMessageId,
+                format!("field `message_id` is not a UUID: {e}"),
+            )
+        })?),
+    };
+    let measured_at = match &wire.measured_at {
+        None => None,
+        Some(v) => Some(
+            OffsetDateTime::parse(string("measured_at", v)?, &Rfc3339).map_err(|e| {
+                Rejection::new(
+                    RejectReason::InvalidTimestamp,
+                    format!("field `measured_at` is not an RFC 3339 timestamp: {e}"),
+                )
+            })?,
+        ),
+    };
+    Ok(Reading {
+        message_id: message_id(body_id, property_id, body),
+        station_id,
+        temperature,
+        humidity,
+        pressure,
+        measured_at,
+    })
+}
+
+/// The id a reading is stored under: the body's `message_id`, else the AMQP `message-id` property
+/// (parsed as a UUID, or hashed into one), else a hash of the body. Redeliveries keep their id.
+pub fn message_id(body_id: Option<Uuid>, property_id: Option<&str>, body: &[u8]) -> Uuid {
+    if let Some(id) = body_id {
+        return id;
+    }
+    match property_id.filter(|p| !p.is_empty()) {
+        Some(p) => {
+            Uuid::parse_str(p).unwrap_or_else(|_| Uuid::new_v5(&CONTENT_ID_NAMESPACE, p.as_bytes()))
+        }
+        None => Uuid::new_v5(&CONTENT_ID_NAMESPACE, body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"{"station_id": "STATION-001", "temperature": 21.37, "humidity": 55.02, "pressure": 1012.33}"#;
+
+    fn reason(body: &[u8]) -> RejectReason {
+        decode(body, None, 4096).unwrap_err().reason
+    }
+
+    #[test]
+    fn accepts_the_old_four_field_form() {
+        let r = decode(OK.as_bytes(), None, 4096).unwrap();
+        assert_eq!(r.station_id, "STATION-001");
+        assert_eq!(r.temperature, 21.37);
+        assert_eq!(r.measured_at, None);
+        // Same bytes, same id: a redelivery is a duplicate.
+        assert_eq!(
+            r.message_id,
+            decode(OK.as_bytes(), None, 4096).unwrap().message_id
+        );
+    }
+
+    #[test]
+    fn accepts_our_form_and_prefers_the_body_id() {
+        let id = Uuid::now_v7();
+        let body = format!(
+            r#"{{"station_id":"S","temperature":-5,"humidity":0,"pressure":1100,"message_id":"{id}","measured_at":"2026-11-27T21:00:00.5Z","extra":[1]}}"#
+        );
+        let r = decode(body.as_bytes(), Some("other"), 4096).unwrap();
+        assert_eq!(r.message_id, id);
+        assert_eq!(r.measured_at.unwrap().unix_timestamp(), 1_795_813_200);
+    }
+
+    #[test]
+    fn property_id_is_used_when_the_body_has_none() {
+        let id = Uuid::now_v7();
+        let r = decode(OK.as_bytes(), Some(&id.to_string()), 4096).unwrap();
+        assert_eq!(r.message_id, id);
+        let a = decode(OK.as_bytes(), Some("legacy-42"), 4096)
+            .unwrap()
+            .message_id;
+        let b = decode(OK.as_bytes(), Some("legacy-43"), 4096)
+            .unwrap()
+            .message_id;
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn every_kind_of_bad_input_has_its_reason() {
+        use RejectReason::*;
+        let cases: &[(&[u8], RejectReason)] = &[
+            (b"", Empty),
+            (&[b' '; 5000], TooLarge),
+            (b"\xff\xfe{}", NotUtf8),
+            (b"{\"station_id\": ", MalformedJson),
+            (b"not json", MalformedJson),
+            (b"[1,2]", NotObject),
+            (b"42", NotObject),
+            (b"\"str\"", NotObject),
+            (br#"{"temperature":1,"humidity":1,"pressure":1000}"#, MissingField),
+            (br#"{"station_id":null,"temperature":1,"humidity":1,"pressure":1000}"#, MissingField),
+            (br#"{"station_id":"S","humidity":1,"pressure":1000}"#, MissingField),
+            (br#"{"station_id":7,"temperature":1,"humidity":1,"pressure":1000}"#, WrongType),
+            (br#"{"station_id":"S","temperature":"21","humidity":1,"pressure":1000}"#, WrongType),
+            (br#"{"station_id":"S","temperature":1e999,"humidity":1,"pressure":1000}"#, NonFinite),
+            (br#"{"station_id":"S","temperature":NaN,"humidity":1,"pressure":1000}"#, MalformedJson),
+            (br#"{"station_id":"S","temperature":61,"humidity":1,"pressure":1000}"#, OutOfRange),
+            (br#"{"station_id":"S","temperature":1,"humidity":100.5,"pressure":1000}"#, OutOfRange),
+            (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":0}"#, OutOfRange),
+            (br#"{"station_id":"  ","temperature":1,"humidity":1,"pressure":1000}"#, InvalidStationId),
+            (br#"{"station_id":"a\u0000b","temperature":1,"humidity":1,"pressure":1000}"#, InvalidStationId),
+            (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":1000,"message_id":"x"}"#, InvalidMessageId),
+            (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":1000,"message_id":5}"#, WrongType),
+            (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":1000,"measured_at":"yesterday"}"#, InvalidTimestamp),
+        ];
+        for (body, want) in cases {
+            assert_eq!(reason(body), *want, "{}", String::from_utf8_lossy(body));
+        }
+        let long = format!(
+            r#"{{"station_id":"{}","temperature":1,"humidity":1,"pressure":1000}}"#,
+            "x".repeat(65)
+        );
+        assert_eq!(reason(long.as_bytes()), InvalidStationId);
+    }
+
+    #[test]
+    fn details_name_the_field() {
+        let e = decode(
+            br#"{"station_id":"S","temperature":61,"humidity":1,"pressure":1000}"#,
+            None,
+            4096,
+        )
+        .unwrap_err();
+        assert!(e.detail.contains("temperature"), "{}", e.detail);
+    }
+
+    #[test]
+    fn reason_labels_are_unique() {
+        let mut names: Vec<_> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), RejectReason::ALL.len());
+    }
+}

@@ -1,0 +1,121 @@
+//! Logging: journald (native protocol, structured fields) under systemd, text or JSON on stderr
+//! elsewhere; and a limiter for log lines that could repeat once per message.
+
+use std::time::{Duration, Instant};
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Where logs went, for the first log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    Journald,
+    Stderr,
+}
+
+/// `journald` for `auto` when systemd connected stderr to the journal (`JOURNAL_STREAM`) or the
+/// journal socket exists; the caller falls back to stderr if it cannot be opened.
+fn wants_journald(format: LogFormat) -> bool {
+    match format {
+        LogFormat::Journald => true,
+        LogFormat::Text | LogFormat::Json => false,
+        LogFormat::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+    }
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides `log.level`. `identifier` is the
+/// SYSLOG_IDENTIFIER in the journal (`producer` or `consumer`).
+pub fn init(
+    cfg: &LogConfig,
+    identifier: &str,
+) -> Result<(LogTarget, Option<String>), tracing_subscriber::util::TryInitError> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut fallback_reason = None;
+    if wants_journald(cfg.format) {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer.with_syslog_identifier(identifier.to_owned());
+                tracing_subscriber::registry()
+                    .with(layer.with_filter(filter))
+                    .try_init()?;
+                return Ok((LogTarget::Journald, None));
+            }
+            Err(e) => {
+                fallback_reason = Some(format!(
+                    "journald is not available ({e}); logging to stderr"
+                ))
+            }
+        }
+    }
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = if cfg.format == LogFormat::Json {
+        stderr.json().boxed()
+    } else {
+        stderr.with_ansi(false).boxed()
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
+        .try_init()?;
+    Ok((LogTarget::Stderr, fallback_reason))
+}
+
+/// Lets through at most `burst` events per `window`, and counts the rest, so one bad message per
+/// delivery cannot flood the journal.
+#[derive(Debug)]
+pub struct LogLimiter {
+    burst: u32,
+    window: Duration,
+    window_start: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    pub fn new(burst: u32, window: Duration) -> Self {
+        Self {
+            burst,
+            window,
+            window_start: None,
+            in_window: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` if this event may be logged, `n` being how many were suppressed before it;
+    /// `None` if it must be dropped.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        let start = *self.window_start.get_or_insert(now);
+        if now.duration_since(start) >= self.window {
+            self.window_start = Some(now);
+            self.in_window = 0;
+        }
+        if self.in_window < self.burst {
+            self.in_window += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_allows_a_burst_per_window_and_counts_the_rest() {
+        let t0 = Instant::now();
+        let mut l = LogLimiter::new(2, Duration::from_secs(1));
+        assert_eq!(l.allow(t0), Some(0));
+        assert_eq!(l.allow(t0), Some(0));
+        assert_eq!(l.allow(t0), None);
+        assert_eq!(l.allow(t0 + Duration::from_millis(500)), None);
+        assert_eq!(l.allow(t0 + Duration::from_secs(1)), Some(2));
+    }
+}
