@@ -28,7 +28,7 @@ const INSERT: &str = "INSERT INTO weather_logs \
 pub enum DbError {
     #[error("invalid postgres.url: {0}")]
     Config(#[source] tokio_postgres::Error),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", describe(source))]
     Postgres {
         context: &'static str,
         #[source]
@@ -63,6 +63,18 @@ impl DbError {
                 None => "io",
             },
         }
+    }
+}
+
+/// The server's own message where there is one ("db error" alone says nothing), else the error
+/// and its cause (I/O errors carry theirs as the source).
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
     }
 }
 

@@ -1,0 +1,343 @@
+//! Shared by the integration tests: endpoints from the environment, unique names per test,
+//! guards that remove what a test created, a deadline-bound `wait_until`, and a TCP proxy that can
+//! cut a connection for real.
+#![allow(dead_code)] // Each test binary uses a different part of this module.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use rand::distr::{Alphanumeric, SampleString};
+use sistema_mensajes::config::{AmqpName, ConsumerConfig, Identifier, ProducerConfig, RetryConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+use url::Url;
+
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn pg_url() -> String {
+    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `test-<what>-<10 random characters>`, lowercase.
+pub fn unique_name(what: &str) -> String {
+    let r = Alphanumeric.sample_string(&mut rand::rng(), 10).to_lowercase();
+    format!("test-{what}-{r}")
+}
+
+/// Polls `check` with doubling delays until it returns true; panics with `what` after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Runs async cleanup from `Drop`, on a runtime of its own.
+fn cleanup(fut: impl Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            rt.block_on(fut);
+        }
+    })
+    .join();
+}
+
+pub async fn pg_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect to PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// Names of everything one test creates, dropped at the end (schema with its tables; queues and
+/// exchanges).
+pub struct Names {
+    pub schema: String,
+    pub exchange: String,
+    pub queue: String,
+    pub routing_key: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+}
+
+impl Names {
+    pub fn new(what: &str) -> Self {
+        let base = unique_name(what);
+        Self {
+            schema: base.replace('-', "_"),
+            exchange: format!("{base}-x"),
+            queue: format!("{base}-q"),
+            routing_key: format!("{base}-key"),
+            dead_letter_exchange: format!("{base}-dlx"),
+            dead_letter_queue: format!("{base}-dlq"),
+        }
+    }
+
+    /// Creates the schema (empty: the consumer applies the migrations itself).
+    pub async fn create_schema(&self) {
+        pg_client(&pg_url()).await.batch_execute(&format!("CREATE SCHEMA {}", self.schema)).await.unwrap();
+    }
+
+    pub fn consumer_config(&self) -> ConsumerConfig {
+        self.consumer_config_via(&amqp_url(), &pg_url())
+    }
+
+    /// Config with our names; `amqp` and `pg` may point at a proxy.
+    pub fn consumer_config_via(&self, amqp: &str, pg: &str) -> ConsumerConfig {
+        let mut c = ConsumerConfig::default();
+        self.apply(&mut c.amqp);
+        c.amqp.url = Url::parse(amqp).unwrap();
+        c.postgres.url = Url::parse(pg).unwrap();
+        c.postgres.schema = Identifier::try_from(self.schema.clone()).unwrap();
+        c.postgres.connect_timeout = Duration::from_secs(2);
+        c.retry = fast_retry();
+        c.metrics.listen = "127.0.0.1:0".parse().unwrap();
+        c
+    }
+
+    pub fn producer_config_via(&self, amqp: &str) -> ProducerConfig {
+        let mut c = ProducerConfig::default();
+        self.apply(&mut c.amqp);
+        c.amqp.url = Url::parse(amqp).unwrap();
+        c.retry = fast_retry();
+        c.simulation.rate = Some(0.0);
+        c.metrics.listen = "127.0.0.1:0".parse().unwrap();
+        c
+    }
+
+    fn apply(&self, a: &mut sistema_mensajes::config::AmqpConfig) {
+        let name = |s: &str| AmqpName::try_from(s.to_owned()).unwrap();
+        a.exchange = name(&self.exchange);
+        a.queue = name(&self.queue);
+        a.routing_key = name(&self.routing_key);
+        a.dead_letter_exchange = name(&self.dead_letter_exchange);
+        a.dead_letter_queue = name(&self.dead_letter_queue);
+    }
+
+    /// The environment that gives the binaries this config.
+    pub fn consumer_env(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = [
+            ("CONSUMER_AMQP__URL", amqp_url()),
+            ("CONSUMER_AMQP__EXCHANGE", self.exchange.clone()),
+            ("CONSUMER_AMQP__QUEUE", self.queue.clone()),
+            ("CONSUMER_AMQP__ROUTING_KEY", self.routing_key.clone()),
+            ("CONSUMER_AMQP__DEAD_LETTER_EXCHANGE", self.dead_letter_exchange.clone()),
+            ("CONSUMER_AMQP__DEAD_LETTER_QUEUE", self.dead_letter_queue.clone()),
+            ("CONSUMER_POSTGRES__URL", pg_url()),
+            ("CONSUMER_POSTGRES__SCHEMA", self.schema.clone()),
+            ("CONSUMER_METRICS__LISTEN", "127.0.0.1:0".into()),
+            ("CONSUMER_RETRY__MIN_DELAY", "50ms".into()),
+            ("CONSUMER_RETRY__MAX_DELAY", "500ms".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        v.push(("RUST_LOG".into(), "info".into()));
+        v
+    }
+
+    /// Declares the main queue the way the older system did: durable, no arguments, bound.
+    pub async fn predeclare_like_the_old_system(&self, ch: &Channel) {
+        ch.exchange_declare(self.exchange.as_str().into(), lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        ch.queue_declare(self.queue.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+        ch.queue_bind(self.queue.as_str().into(), self.exchange.as_str().into(), self.routing_key.as_str().into(),
+            Default::default(), FieldTable::default())
+            .await
+            .unwrap();
+    }
+
+    pub async fn rows(&self) -> (i64, i64) {
+        let client = pg_client(&pg_url()).await;
+        let sql = format!("SELECT count(*), count(DISTINCT message_id) FROM {}.weather_logs", self.schema);
+        match client.query_one(&sql, &[]).await {
+            Ok(row) => (row.get(0), row.get(1)),
+            Err(_) => (0, 0), // table not created yet
+        }
+    }
+
+    pub async fn stored_ids(&self) -> Vec<uuid::Uuid> {
+        let client = pg_client(&pg_url()).await;
+        let sql = format!("SELECT message_id FROM {}.weather_logs ORDER BY message_id", self.schema);
+        client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+    }
+}
+
+impl Drop for Names {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        let queues = [self.queue.clone(), self.dead_letter_queue.clone()];
+        let exchanges = [self.exchange.clone(), self.dead_letter_exchange.clone()];
+        cleanup(async move {
+            if let Ok((client, conn)) = tokio_postgres::connect(&pg_url(), NoTls).await {
+                tokio::spawn(conn);
+                let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await;
+            }
+            if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+                if let Ok(ch) = conn.create_channel().await {
+                    for q in queues {
+                        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                    }
+                    for x in exchanges {
+                        let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
+                    }
+                }
+                let _ = conn.close(200, "".into()).await;
+            }
+        });
+    }
+}
+
+pub fn fast_retry() -> RetryConfig {
+    RetryConfig { min_delay: Duration::from_millis(50), max_delay: Duration::from_millis(500) }
+}
+
+/// A plain AMQP client, like the older system's scripts.
+pub struct Client {
+    pub conn: Connection,
+    pub channel: Channel,
+}
+
+impl Client {
+    pub async fn connect() -> Self {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        Self { conn, channel }
+    }
+
+    /// Publishes persistent messages and waits for every confirm.
+    pub async fn publish_all(&self, exchange: &str, key: &str, bodies: &[(Vec<u8>, BasicProperties)]) {
+        let mut confirms = Vec::new();
+        for (body, props) in bodies {
+            let props = props.clone().with_delivery_mode(2);
+            confirms.push(self.channel.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, props).await.unwrap());
+        }
+        for c in confirms {
+            assert!(c.await.unwrap().is_ack());
+        }
+    }
+
+    /// Messages ready in `queue` (not counting unacknowledged ones).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await;
+        let n = q.map(|q| q.message_count()).unwrap_or(0);
+        let _ = ch.close(200, "".into()).await;
+        n
+    }
+
+    /// Takes every message in `queue` (acking them): (body, x-rejection-reason, x-rejection-detail).
+    pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, String, String)> {
+        let mut out = Vec::new();
+        while let Some(msg) = self.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            let props = &msg.delivery.properties;
+            let reason = sistema_mensajes::amqp::header_str(props, "x-rejection-reason").unwrap_or("").to_owned();
+            let detail = sistema_mensajes::amqp::header_str(props, "x-rejection-detail").unwrap_or("").to_owned();
+            out.push((msg.delivery.data.clone(), reason, detail));
+        }
+        out
+    }
+}
+
+/// Unacknowledged messages of `queue`, asked of the broker itself.
+pub fn unacked(queue: &str) -> Option<u64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut parts = l.split_whitespace();
+        (parts.next()? == queue).then(|| parts.next()?.parse().ok())?
+    })
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target`. `cut()` closes every connection through it and
+/// refuses new ones until `restore()`.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = watch::channel(true);
+        let up_rx = up.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if !*up_rx.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut state = up_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = state.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up }
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+
+    /// `url` with its port replaced by the proxy's.
+    pub fn url(&self, url: &str) -> String {
+        let mut u = Url::parse(url).unwrap();
+        u.set_port(Some(self.addr.port())).unwrap();
+        u.to_string()
+    }
+}
+
+pub fn target_of(url: &str) -> SocketAddr {
+    let u = Url::parse(url).unwrap();
+    let host = u.host_str().unwrap();
+    let host = if host == "localhost" { "127.0.0.1" } else { host };
+    format!("{host}:{}", u.port().unwrap()).parse().unwrap()
+}
+
+/// A valid reading in the older system's four-field form.
+pub fn old_reading(station: &str, t: f64) -> Vec<u8> {
+    format!(r#"{{"station_id": "{station}", "temperature": {t}, "humidity": 55.02, "pressure": 1012.33}}"#).into_bytes()
+}
+
+/// A valid reading with our id.
+pub fn reading_with_id(id: uuid::Uuid) -> Vec<u8> {
+    format!(r#"{{"station_id": "STATION-001", "temperature": 21.5, "humidity": 55.0, "pressure": 1012.0, "message_id": "{id}"}}"#).into_bytes()
+}
+
+pub fn props() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into())
+}
