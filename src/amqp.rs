@@ -11,6 +11,33 @@ use crate::config::{AmqpConfig, QueueType};
 use crate::reading::Rejection;
 use crate::secret::Secret;
 
+/// Longest wait for the broker to answer a handshake, a cancel or a close: a half-dead connection
+/// must not stall the daemon.
+pub const BROKER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error(transparent)]
+    Lapin(#[from] lapin::Error),
+    #[error("no answer from RabbitMQ within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// `fut`, or [`AmqpError::Timeout`] after [`BROKER_TIMEOUT`].
+pub async fn bounded<T>(fut: impl std::future::Future<Output = lapin::Result<T>>) -> Result<T, AmqpError> {
+    match tokio::time::timeout(BROKER_TIMEOUT, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(AmqpError::Timeout(BROKER_TIMEOUT)),
+    }
+}
+
+/// Closes a connection politely, but gives up after [`BROKER_TIMEOUT`].
+pub async fn close(conn: &Connection, why: &str) {
+    if let Err(e) = bounded(conn.close(200, why.into())).await {
+        tracing::debug!(message = "Closing the RabbitMQ connection failed.", error = %e);
+    }
+}
+
 /// AMQP delivery mode of a message that survives a broker restart.
 pub const PERSISTENT: u8 = 2;
 

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::amqp;
 use crate::config::ConsumerConfig;
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, Stored};
 use crate::health::{Health, Phase};
 use crate::metrics::{ConsumerMetrics, RateWindow, RATE_WINDOW};
 use crate::reading::{self, Reading, RejectReason, Rejection};
@@ -126,7 +126,7 @@ pub async fn run(
     let (tx, rx) = mpsc::channel::<Batch>(1);
     let writer = tracker.spawn(
         Writer {
-            db,
+            db: Some(db),
             cfg: cfg.clone(),
             password: pg_password,
             metrics: metrics.clone(),
@@ -149,9 +149,7 @@ pub async fn run(
     tracker.wait().await;
     // Only now, with the last batch acked: unacked deliveries still buffered go back to the queue.
     if let Some(conn) = conn {
-        if let Err(e) = conn.close(200, "consumer stopping".into()).await {
-            debug!(message = "Closing the RabbitMQ connection failed.", error = %e);
-        }
+        amqp::close(&conn, "consumer stopping").await;
     }
     info!("Stopped.");
     Ok(())
@@ -283,7 +281,7 @@ async fn consume(
         let flush = tokio::select! {
             biased;
             _ = token.cancelled() => {
-                if let Err(e) = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                if let Err(e) = amqp::bounded(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())).await {
                     debug!(message = "Cancelling the consumer failed.", error = %e);
                 }
                 send(tx, batch).await;
@@ -359,7 +357,8 @@ fn add(batch: &mut Batch, delivery: Delivery, max_bytes: usize) {
 }
 
 struct Writer {
-    db: Db,
+    /// `None` after a failed reconnect.
+    db: Option<Db>,
     cfg: ConsumerConfig,
     password: Option<Secret>,
     metrics: Arc<ConsumerMetrics>,
@@ -431,7 +430,8 @@ impl Writer {
     }
 
     /// Stores rows, retrying until it works. Returns the rows PostgreSQL refused, or `None` if
-    /// shutdown came while PostgreSQL was unavailable.
+    /// shutdown came while PostgreSQL was unavailable. Every failed attempt counts in
+    /// `postgres_insert_errors_total`, reconnects included.
     async fn store(&mut self, rows: &[Reading]) -> Option<Vec<(usize, String)>> {
         if rows.is_empty() {
             return Some(Vec::new());
@@ -439,30 +439,16 @@ impl Writer {
         let mut delays = retry::delays(&self.cfg.retry);
         loop {
             self.health.beat();
-            if self.db.is_closed() {
-                let db = connect_db(
-                    &self.cfg,
-                    self.password.as_ref(),
-                    &self.metrics,
-                    &self.health,
-                    &self.token,
-                )
-                .await?;
-                info!("Reconnected to PostgreSQL.");
-                self.db = db;
-            }
-            match self.db.insert_isolating(rows).await {
+            match self.try_store(rows).await {
                 Ok(stored) => {
-                    self.metrics
-                        .duplicates
-                        .inc_by((rows.len() - stored.rejected.len()) as u64 - stored.inserted);
+                    let accepted = (rows.len() - stored.rejected.len()) as u64;
+                    self.metrics.duplicates.inc_by(accepted.saturating_sub(stored.inserted));
                     self.health.set_problem(None);
                     return Some(stored.rejected);
                 }
                 Err(e) => {
                     self.metrics.insert_errors.inc();
-                    self.health
-                        .set_problem(Some(format!("database error: {e}")));
+                    self.health.set_problem(Some(format!("database unavailable: {e}")));
                     if let Some(suppressed) = self.error_log.allow(Instant::now()) {
                         warn!(message = "Failed to insert batch; will retry.", error = %e, error_type = e.error_type(), stage = "sending", batch_size = rows.len(), suppressed);
                     }
@@ -472,6 +458,22 @@ impl Writer {
                 }
             }
         }
+    }
+
+    async fn try_store(&mut self, rows: &[Reading]) -> Result<Stored, DbError> {
+        let db = match self.db.take() {
+            Some(db) if !db.is_closed() => db,
+            _ => {
+                let db = Db::connect(&self.cfg.postgres, self.password.as_ref()).await.inspect_err(|_| {
+                    self.metrics.postgres_connection_errors.inc();
+                })?;
+                info!("Connected to PostgreSQL again.");
+                db
+            }
+        };
+        let result = db.insert_isolating(rows).await;
+        self.db = Some(db);
+        result
     }
 }
 
@@ -506,7 +508,7 @@ async fn dead_letter(
         confirms.push(confirm);
     }
     for confirm in confirms {
-        if let Confirmation::Nack(_) = confirm.await? {
+        if let Confirmation::Nack(_) = amqp::bounded(confirm).await? {
             return Err(DeadLetterError::Nacked);
         }
     }
@@ -533,7 +535,9 @@ async fn dead_letter(
 #[derive(Debug, thiserror::Error)]
 enum DeadLetterError {
     #[error(transparent)]
-    Amqp(#[from] lapin::Error),
+    Amqp(#[from] amqp::AmqpError),
+    #[error(transparent)]
+    Lapin(#[from] lapin::Error),
     #[error("the broker refused (nacked) a dead-letter message")]
     Nacked,
 }

@@ -16,7 +16,7 @@ use futures_util::FutureExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation, Connection};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 use uuid::Uuid;
 
 use crate::amqp;
@@ -205,11 +205,14 @@ pub async fn run(
     Ok(publisher.summary)
 }
 
-async fn open(cfg: &ProducerConfig, uri: &Secret) -> lapin::Result<(Connection, Channel)> {
-    let conn = amqp::connect(uri, "sistema-mensajes producer").await?;
-    let channel = amqp::confirm_channel(&conn).await?;
-    amqp::declare_topology(&channel, &cfg.amqp, false).await?;
-    Ok((conn, channel))
+async fn open(cfg: &ProducerConfig, uri: &Secret) -> Result<(Connection, Channel), amqp::AmqpError> {
+    amqp::bounded(async {
+        let conn = amqp::connect(uri, "sistema-mensajes producer").await?;
+        let channel = amqp::confirm_channel(&conn).await?;
+        amqp::declare_topology(&channel, &cfg.amqp, false).await?;
+        Ok((conn, channel))
+    })
+    .await
 }
 
 impl Publisher {
@@ -226,7 +229,7 @@ impl Publisher {
                     health.beat();
                     open(&self.cfg, uri)
                 },
-                |e: &lapin::Error| {
+                |e: &amqp::AmqpError| {
                     metrics.amqp_connection_errors.inc();
                     health.set_problem(Some(format!("broker unreachable: {e}")));
                 },
@@ -246,9 +249,7 @@ impl Publisher {
             health.set_phase(Phase::Running);
             match self.session(&channel, health, token).await {
                 Ok(()) => {
-                    if let Err(e) = conn.close(200, "producer stopping".into()).await {
-                        debug!(message = "Closing the RabbitMQ connection failed.", error = %e);
-                    }
+                    amqp::close(&conn, "producer stopping").await;
                     return;
                 }
                 Err(e) => {
@@ -311,7 +312,16 @@ impl Publisher {
                         }
                     }
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    // A confirm may never resolve on a dead connection: notice it here.
+                    if !channel.status().connected() {
+                        self.retry.extend(inflight.drain().map(|(_, (msg, _))| msg));
+                        break Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                            lapin::ChannelState::Closed,
+                            "the channel closed with confirms outstanding",
+                        )));
+                    }
+                }
                 _ = token.cancelled(), if !stopping => {
                     info!(message = "Stopping: waiting for outstanding confirms.", unconfirmed = inflight.len());
                 }

@@ -80,6 +80,10 @@ pub struct Names {
 
 impl Names {
     pub fn new(what: &str) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
         let base = unique_name(what);
         Self {
             schema: base.replace('-', "_"),
@@ -150,7 +154,7 @@ impl Names {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        v.push(("RUST_LOG".into(), "info".into()));
+        v.push(("RUST_LOG".into(), "info,tokio_postgres=warn".into()));
         v
     }
 
