@@ -24,7 +24,9 @@ pub enum AmqpError {
 }
 
 /// `fut`, or [`AmqpError::Timeout`] after [`BROKER_TIMEOUT`].
-pub async fn bounded<T>(fut: impl std::future::Future<Output = lapin::Result<T>>) -> Result<T, AmqpError> {
+pub async fn bounded<T>(
+    fut: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, AmqpError> {
     match tokio::time::timeout(BROKER_TIMEOUT, fut).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(AmqpError::Timeout(BROKER_TIMEOUT)),

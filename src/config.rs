@@ -258,6 +258,8 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter such as `info` or `info,sistema_mensajes=debug`; `RUST_LOG` overrides it.
+    /// The default silences `lapin::channels`, which logs an error on every orderly close; the
+    /// daemons log connection losses themselves.
     pub level: String,
 }
 
@@ -265,7 +267,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             format: LogFormat::Auto,
-            level: "info,tokio_postgres=warn".into(),
+            level: "info,tokio_postgres=warn,lapin::channels=off".into(),
         }
     }
 }

@@ -284,6 +284,9 @@ async fn consume(
                 if let Err(e) = amqp::bounded(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())).await {
                     debug!(message = "Cancelling the consumer failed.", error = %e);
                 }
+                // Deliveries already buffered stay unacked and go back to the queue on close.
+                let rest = tokio::time::timeout(amqp::BROKER_TIMEOUT, (&mut deliveries).count()).await;
+                debug!(message = "Consumer cancelled.", returned_to_queue = rest.unwrap_or(0));
                 send(tx, batch).await;
                 return Ok(());
             }
@@ -442,13 +445,16 @@ impl Writer {
             match self.try_store(rows).await {
                 Ok(stored) => {
                     let accepted = (rows.len() - stored.rejected.len()) as u64;
-                    self.metrics.duplicates.inc_by(accepted.saturating_sub(stored.inserted));
+                    self.metrics
+                        .duplicates
+                        .inc_by(accepted.saturating_sub(stored.inserted));
                     self.health.set_problem(None);
                     return Some(stored.rejected);
                 }
                 Err(e) => {
                     self.metrics.insert_errors.inc();
-                    self.health.set_problem(Some(format!("database unavailable: {e}")));
+                    self.health
+                        .set_problem(Some(format!("database unavailable: {e}")));
                     if let Some(suppressed) = self.error_log.allow(Instant::now()) {
                         warn!(message = "Failed to insert batch; will retry.", error = %e, error_type = e.error_type(), stage = "sending", batch_size = rows.len(), suppressed);
                     }
@@ -464,9 +470,11 @@ impl Writer {
         let db = match self.db.take() {
             Some(db) if !db.is_closed() => db,
             _ => {
-                let db = Db::connect(&self.cfg.postgres, self.password.as_ref()).await.inspect_err(|_| {
-                    self.metrics.postgres_connection_errors.inc();
-                })?;
+                let db = Db::connect(&self.cfg.postgres, self.password.as_ref())
+                    .await
+                    .inspect_err(|_| {
+                        self.metrics.postgres_connection_errors.inc();
+                    })?;
                 info!("Connected to PostgreSQL again.");
                 db
             }

@@ -205,7 +205,10 @@ pub async fn run(
     Ok(publisher.summary)
 }
 
-async fn open(cfg: &ProducerConfig, uri: &Secret) -> Result<(Connection, Channel), amqp::AmqpError> {
+async fn open(
+    cfg: &ProducerConfig,
+    uri: &Secret,
+) -> Result<(Connection, Channel), amqp::AmqpError> {
     amqp::bounded(async {
         let conn = amqp::connect(uri, "sistema-mensajes producer").await?;
         let channel = amqp::confirm_channel(&conn).await?;

@@ -30,11 +30,18 @@ fn spawn_consumer_binary(names: &Names) -> Child {
 /// Publishes `n` readings with known ids, in chunks, from a background task.
 fn publish_known(names: &Names, n: usize) -> (Vec<Uuid>, tokio::task::JoinHandle<()>) {
     let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
-    let (exchange, key, to_send) = (names.exchange.clone(), names.routing_key.clone(), ids.clone());
+    let (exchange, key, to_send) = (
+        names.exchange.clone(),
+        names.routing_key.clone(),
+        ids.clone(),
+    );
     let task = tokio::spawn(async move {
         let client = Client::connect().await;
         for chunk in to_send.chunks(500) {
-            let msgs: Vec<_> = chunk.iter().map(|id| (reading_with_id(*id), props())).collect();
+            let msgs: Vec<_> = chunk
+                .iter()
+                .map(|id| (reading_with_id(*id), props()))
+                .collect();
             client.publish_all(&exchange, &key, &msgs).await;
         }
     });
@@ -43,7 +50,10 @@ fn publish_known(names: &Names, n: usize) -> (Vec<Uuid>, tokio::task::JoinHandle
 
 async fn assert_exactly(names: &Names, mut ids: Vec<Uuid>) {
     ids.sort();
-    wait_until(LIMIT, "every reading stored", || async { names.rows().await.0 >= ids.len() as i64 }).await;
+    wait_until(LIMIT, "every reading stored", || async {
+        names.rows().await.0 >= ids.len() as i64
+    })
+    .await;
     assert_eq!(names.stored_ids().await, ids, "each reading exactly once");
 }
 
@@ -56,15 +66,24 @@ async fn consumer_killed_mid_stream_and_restarted_stores_every_reading_once() {
     let (ids, publishing) = publish_known(&names, 20_000);
 
     let mut first = spawn_consumer_binary(&names);
-    wait_until(LIMIT, "some rows stored", || async { names.rows().await.0 > 2_000 }).await;
+    wait_until(LIMIT, "some rows stored", || async {
+        names.rows().await.0 > 2_000
+    })
+    .await;
     first.kill().await.unwrap(); // SIGKILL: no chance to flush or ack
     let stored_at_kill = names.rows().await.0;
-    assert!(stored_at_kill < 20_000, "killed too late to prove anything ({stored_at_kill})");
+    assert!(
+        stored_at_kill < 20_000,
+        "killed too late to prove anything ({stored_at_kill})"
+    );
 
     let mut second = spawn_consumer_binary(&names);
     publishing.await.unwrap();
     assert_exactly(&names, ids).await;
-    wait_until(LIMIT, "queue empty", || async { client.ready(&names.queue).await == 0 }).await;
+    wait_until(LIMIT, "queue empty", || async {
+        client.ready(&names.queue).await == 0
+    })
+    .await;
     second.kill().await.unwrap();
 }
 
@@ -77,10 +96,20 @@ async fn sigterm_mid_stream_exits_0_and_loses_nothing() {
     let (ids, publishing) = publish_known(&names, 20_000);
 
     let mut child = spawn_consumer_binary(&names);
-    wait_until(LIMIT, "some rows stored", || async { names.rows().await.0 > 1_000 }).await;
+    wait_until(LIMIT, "some rows stored", || async {
+        names.rows().await.0 > 1_000
+    })
+    .await;
     let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = tokio::time::timeout(Duration::from_secs(25), child.wait()).await.expect("exits within the shutdown timeout").unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(25), child.wait())
+        .await
+        .expect("exits within the shutdown timeout")
+        .unwrap();
     assert_eq!(status.code(), Some(0), "{status}");
 
     // What it did not store is back in the queue, ready for the next consumer.
@@ -91,7 +120,11 @@ async fn sigterm_mid_stream_exits_0_and_loses_nothing() {
     })
     .await;
     let token = CancellationToken::new();
-    let next = tokio::spawn(consumer::run(names.consumer_config(), Deps::default(), token.clone()));
+    let next = tokio::spawn(consumer::run(
+        names.consumer_config(),
+        Deps::default(),
+        token.clone(),
+    ));
     assert_exactly(&names, ids).await;
     token.cancel();
     next.await.unwrap().unwrap();
@@ -104,22 +137,38 @@ async fn database_cut_off_keeps_messages_unacked_then_stores_them_all() {
     let proxy = Proxy::start(target_of(&pg_url())).await;
     let deps = Deps::default();
     let token = CancellationToken::new();
-    let consumer = tokio::spawn(consumer::run(names.consumer_config_via(&amqp_url(), &proxy.url(&pg_url())), deps.clone(), token.clone()));
-    wait_until(LIMIT, "consumer running", || async { deps.health.phase() == Phase::Running }).await;
+    let consumer = tokio::spawn(consumer::run(
+        names.consumer_config_via(&amqp_url(), &proxy.url(&pg_url())),
+        deps.clone(),
+        token.clone(),
+    ));
+    wait_until(LIMIT, "consumer running", || async {
+        deps.health.phase() == Phase::Running
+    })
+    .await;
 
     proxy.cut();
     const N: usize = 300;
     let (ids, publishing) = publish_known(&names, N);
     publishing.await.unwrap();
-    wait_until(LIMIT, "inserts failing", || async { deps.metrics.insert_errors.get() >= 3 }).await;
+    wait_until(LIMIT, "inserts failing", || async {
+        deps.metrics.insert_errors.get() >= 3
+    })
+    .await;
     // The broker itself says: all delivered, none acknowledged.
-    wait_until(LIMIT, "all unacked at the broker", || async { unacked(&names.queue) == Some(N as u64) }).await;
+    wait_until(LIMIT, "all unacked at the broker", || async {
+        unacked(&names.queue) == Some(N as u64)
+    })
+    .await;
     assert_eq!(names.rows().await, (0, 0));
     assert_eq!(deps.metrics.processed.get(), 0);
 
     proxy.restore();
     assert_exactly(&names, ids).await;
-    wait_until(LIMIT, "all acked", || async { unacked(&names.queue) == Some(0) }).await;
+    wait_until(LIMIT, "all acked", || async {
+        unacked(&names.queue) == Some(0)
+    })
+    .await;
     assert_eq!(deps.metrics.processed.get(), N as u64);
     token.cancel();
     consumer.await.unwrap().unwrap();
@@ -133,14 +182,26 @@ async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
     let via_proxy = proxy.url(&amqp_url());
     let cdeps = Deps::default();
     let token = CancellationToken::new();
-    let consumer = tokio::spawn(consumer::run(names.consumer_config_via(&via_proxy, &pg_url()), cdeps.clone(), token.clone()));
-    wait_until(LIMIT, "consumer running", || async { cdeps.health.phase() == Phase::Running }).await;
+    let consumer = tokio::spawn(consumer::run(
+        names.consumer_config_via(&via_proxy, &pg_url()),
+        cdeps.clone(),
+        token.clone(),
+    ));
+    wait_until(LIMIT, "consumer running", || async {
+        cdeps.health.phase() == Phase::Running
+    })
+    .await;
 
     const N: u64 = 20_000;
     let mut pcfg = names.producer_config_via(&via_proxy);
     pcfg.simulation.rate = Some(2_000.0); // ten seconds of traffic: the cut lands mid-stream
     let pdeps = producer::Deps::default();
-    let producing = tokio::spawn(producer::run(pcfg, Mode::Count(N), pdeps.clone(), CancellationToken::new()));
+    let producing = tokio::spawn(producer::run(
+        pcfg,
+        Mode::Count(N),
+        pdeps.clone(),
+        CancellationToken::new(),
+    ));
 
     wait_until(LIMIT, "stream flowing", || async {
         pdeps.metrics.confirmed.get() > 2_000 && names.rows().await.0 > 1_000
@@ -148,14 +209,32 @@ async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
     .await;
     proxy.cut();
     wait_until(LIMIT, "both saw the cut", || async {
-        cdeps.metrics.amqp_connection_errors.get() > 0 && pdeps.metrics.amqp_connection_errors.get() > 0
+        cdeps.metrics.amqp_connection_errors.get() > 0
+            && pdeps.metrics.amqp_connection_errors.get() > 0
     })
     .await;
     proxy.restore();
 
-    let summary = tokio::time::timeout(LIMIT, producing).await.expect("producer finishes").unwrap().unwrap();
-    assert_eq!(summary, producer::Summary { confirmed: N, unconfirmed: 0 });
-    wait_until(LIMIT, "every reading stored once", || async { names.rows().await == (N as i64, N as i64) }).await;
+    let summary = tokio::time::timeout(LIMIT, producing)
+        .await
+        .expect("producer finishes")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        summary,
+        producer::Summary {
+            confirmed: N,
+            unconfirmed: 0
+        }
+    );
+    wait_until(LIMIT, "every reading stored once", || async {
+        names.rows().await == (N as i64, N as i64)
+    })
+    .await;
     token.cancel();
-    tokio::time::timeout(LIMIT, consumer).await.expect("consumer stops").unwrap().unwrap();
+    tokio::time::timeout(LIMIT, consumer)
+        .await
+        .expect("consumer stops")
+        .unwrap()
+        .unwrap();
 }

@@ -16,7 +16,11 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// Starts the consumer in-process; returns its deps (metrics) and a handle.
 fn start_consumer(
     cfg: sistema_mensajes::config::ConsumerConfig,
-) -> (Deps, CancellationToken, tokio::task::JoinHandle<Result<(), consumer::ConsumerError>>) {
+) -> (
+    Deps,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), consumer::ConsumerError>>,
+) {
     let deps = Deps::default();
     let token = CancellationToken::new();
     let handle = tokio::spawn(consumer::run(cfg, deps.clone(), token.clone()));
@@ -29,12 +33,26 @@ async fn n_readings_in_give_n_rows_out_and_an_empty_queue() {
     names.create_schema().await;
     let (deps, token, consumer) = start_consumer(names.consumer_config());
     const N: u64 = 3000;
-    let summary = producer::run(names.producer_config_via(&amqp_url()), Mode::Count(N), Default::default(), CancellationToken::new())
-        .await
-        .unwrap();
-    assert_eq!(summary, producer::Summary { confirmed: N, unconfirmed: 0 });
+    let summary = producer::run(
+        names.producer_config_via(&amqp_url()),
+        Mode::Count(N),
+        Default::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        summary,
+        producer::Summary {
+            confirmed: N,
+            unconfirmed: 0
+        }
+    );
 
-    wait_until(LIMIT, "all rows stored", || async { names.rows().await == (N as i64, N as i64) }).await;
+    wait_until(LIMIT, "all rows stored", || async {
+        names.rows().await == (N as i64, N as i64)
+    })
+    .await;
     let client = Client::connect().await;
     wait_until(LIMIT, "queue empty and acked", || async {
         deps.metrics.pending.get() == 0 && client.ready(&names.queue).await == 0
@@ -43,7 +61,11 @@ async fn n_readings_in_give_n_rows_out_and_an_empty_queue() {
     assert_eq!(deps.metrics.processed.get(), N);
     token.cancel();
     consumer.await.unwrap().unwrap();
-    assert_eq!(names.rows().await, (N as i64, N as i64), "nothing more after shutdown");
+    assert_eq!(
+        names.rows().await,
+        (N as i64, N as i64),
+        "nothing more after shutdown"
+    );
     assert!(client.drain(&names.dead_letter_queue).await.is_empty());
 }
 
@@ -55,12 +77,22 @@ async fn old_four_field_messages_from_a_plain_client_are_stored() {
     // The broker already has the queue the older system declared: durable, no arguments.
     names.predeclare_like_the_old_system(&client.channel).await;
     let bodies: Vec<_> = (0..5)
-        .map(|i| (old_reading(&format!("STATION-00{i}"), 20.0 + f64::from(i)), lapin::BasicProperties::default()))
+        .map(|i| {
+            (
+                old_reading(&format!("STATION-00{i}"), 20.0 + f64::from(i)),
+                lapin::BasicProperties::default(),
+            )
+        })
         .collect();
-    client.publish_all(&names.exchange, &names.routing_key, &bodies).await;
+    client
+        .publish_all(&names.exchange, &names.routing_key, &bodies)
+        .await;
 
     let (_deps, token, consumer) = start_consumer(names.consumer_config());
-    wait_until(LIMIT, "five rows", || async { names.rows().await == (5, 5) }).await;
+    wait_until(LIMIT, "five rows", || async {
+        names.rows().await == (5, 5)
+    })
+    .await;
     let pg = pg_client(&pg_url()).await;
     let row = pg
         .query_one(
@@ -83,12 +115,25 @@ async fn the_same_message_twice_gives_one_row() {
     names.create_schema().await;
     let (deps, token, consumer) = start_consumer(names.consumer_config());
     let client = Client::connect().await;
-    wait_until(LIMIT, "topology declared", || async { deps.health.phase() == sistema_mensajes::health::Phase::Running }).await;
+    wait_until(LIMIT, "topology declared", || async {
+        deps.health.phase() == sistema_mensajes::health::Phase::Running
+    })
+    .await;
     let id = Uuid::now_v7();
     let old = old_reading("STATION-009", 1.5);
-    let msgs = vec![(reading_with_id(id), props()), (reading_with_id(id), props()), (old.clone(), props()), (old, props())];
-    client.publish_all(&names.exchange, &names.routing_key, &msgs).await;
-    wait_until(LIMIT, "four messages acked", || async { deps.metrics.processed.get() == 4 }).await;
+    let msgs = vec![
+        (reading_with_id(id), props()),
+        (reading_with_id(id), props()),
+        (old.clone(), props()),
+        (old, props()),
+    ];
+    client
+        .publish_all(&names.exchange, &names.routing_key, &msgs)
+        .await;
+    wait_until(LIMIT, "four messages acked", || async {
+        deps.metrics.processed.get() == 4
+    })
+    .await;
     assert_eq!(names.rows().await, (2, 2));
     assert_eq!(deps.metrics.duplicates.get(), 2);
     assert!(names.stored_ids().await.contains(&id));
@@ -102,14 +147,29 @@ async fn malformed_messages_are_dead_lettered_with_their_reason_and_block_nothin
     names.create_schema().await;
     let (deps, token, consumer) = start_consumer(names.consumer_config());
     let client = Client::connect().await;
-    wait_until(LIMIT, "consumer running", || async { deps.health.phase() == sistema_mensajes::health::Phase::Running }).await;
+    wait_until(LIMIT, "consumer running", || async {
+        deps.health.phase() == sistema_mensajes::health::Phase::Running
+    })
+    .await;
 
     let bad: Vec<(Vec<u8>, &str)> = vec![
         (b"{\"station_id\": \"S\", ".to_vec(), "malformed_json"),
-        (br#"{"station_id":"S","temperature":"warm","humidity":1,"pressure":1000}"#.to_vec(), "wrong_type"),
-        (br#"{"station_id":"S","humidity":1,"pressure":1000}"#.to_vec(), "missing_field"),
-        (br#"{"station_id":"S","temperature":75.5,"humidity":1,"pressure":1000}"#.to_vec(), "out_of_range"),
-        (br#"{"station_id":"S","temperature":1e400,"humidity":1,"pressure":1000}"#.to_vec(), "non_finite"),
+        (
+            br#"{"station_id":"S","temperature":"warm","humidity":1,"pressure":1000}"#.to_vec(),
+            "wrong_type",
+        ),
+        (
+            br#"{"station_id":"S","humidity":1,"pressure":1000}"#.to_vec(),
+            "missing_field",
+        ),
+        (
+            br#"{"station_id":"S","temperature":75.5,"humidity":1,"pressure":1000}"#.to_vec(),
+            "out_of_range",
+        ),
+        (
+            br#"{"station_id":"S","temperature":1e400,"humidity":1,"pressure":1000}"#.to_vec(),
+            "non_finite",
+        ),
         (vec![b'x'; 10_000], "too_large"),
         (vec![0xff, 0xfe, b'{', b'}'], "not_utf8"),
         (Vec::new(), "empty"),
@@ -124,30 +184,62 @@ async fn malformed_messages_are_dead_lettered_with_their_reason_and_block_nothin
         msgs.push((reading_with_id(id), props()));
         msgs.push((body.clone(), props()));
     }
-    client.publish_all(&names.exchange, &names.routing_key, &msgs).await;
+    client
+        .publish_all(&names.exchange, &names.routing_key, &msgs)
+        .await;
 
-    wait_until(LIMIT, "all valid rows", || async { names.rows().await.0 == bad.len() as i64 }).await;
-    wait_until(LIMIT, "dead letters", || async { client.ready(&names.dead_letter_queue).await == bad.len() as u32 }).await;
+    wait_until(LIMIT, "all valid rows", || async {
+        names.rows().await.0 == bad.len() as i64
+    })
+    .await;
+    wait_until(LIMIT, "dead letters", || async {
+        client.ready(&names.dead_letter_queue).await == bad.len() as u32
+    })
+    .await;
     let mut got: Vec<_> = client.drain(&names.dead_letter_queue).await;
     got.sort();
-    let mut want: Vec<_> = bad.iter().map(|(b, r)| (b.clone(), r.to_string())).collect();
+    let mut want: Vec<_> = bad
+        .iter()
+        .map(|(b, r)| (b.clone(), r.to_string()))
+        .collect();
     want.sort();
-    assert_eq!(got.iter().map(|(b, r, _)| (b.clone(), r.clone())).collect::<Vec<_>>(), want);
+    assert_eq!(
+        got.iter()
+            .map(|(b, r, _)| (b.clone(), r.clone()))
+            .collect::<Vec<_>>(),
+        want
+    );
     assert!(got.iter().all(|(_, _, detail)| !detail.is_empty()));
     let mut stored = names.stored_ids().await;
     stored.sort();
     valid_ids.sort();
     assert_eq!(stored, valid_ids);
     for (_, reason) in &bad {
-        assert_eq!(deps.metrics.rejected.with_label_values(&[reason]).get(), 1, "{reason}");
+        assert_eq!(
+            deps.metrics.rejected.with_label_values(&[reason]).get(),
+            1,
+            "{reason}"
+        );
     }
-    wait_until(LIMIT, "main queue empty", || async { client.ready(&names.queue).await == 0 && deps.metrics.pending.get() == 0 }).await;
+    wait_until(LIMIT, "main queue empty", || async {
+        client.ready(&names.queue).await == 0 && deps.metrics.pending.get() == 0
+    })
+    .await;
 
     // Still running, and still storing.
     assert!(!consumer.is_finished());
     let id = Uuid::now_v7();
-    client.publish_all(&names.exchange, &names.routing_key, &[(reading_with_id(id), props())]).await;
-    wait_until(LIMIT, "one more row", || async { names.stored_ids().await.contains(&id) }).await;
+    client
+        .publish_all(
+            &names.exchange,
+            &names.routing_key,
+            &[(reading_with_id(id), props())],
+        )
+        .await;
+    wait_until(LIMIT, "one more row", || async {
+        names.stored_ids().await.contains(&id)
+    })
+    .await;
     token.cancel();
     consumer.await.unwrap().unwrap();
 }
@@ -169,20 +261,39 @@ async fn a_row_the_database_refuses_is_isolated_and_the_rest_of_its_batch_stored
     ))
     .await
     .unwrap();
-    let mut msgs: Vec<_> = (0..40).map(|i| (old_reading(&format!("GOOD-{i}"), 10.0), props())).collect();
+    let mut msgs: Vec<_> = (0..40)
+        .map(|i| (old_reading(&format!("GOOD-{i}"), 10.0), props()))
+        .collect();
     msgs.insert(17, (old_reading("POISON", 10.0), props()));
-    client.publish_all(&names.exchange, &names.routing_key, &msgs).await;
+    client
+        .publish_all(&names.exchange, &names.routing_key, &msgs)
+        .await;
 
     let mut cfg = names.consumer_config();
     cfg.batch.max_wait = Duration::from_millis(500); // one batch holds them all
     let (deps, token, consumer) = start_consumer(cfg);
-    wait_until(LIMIT, "40 rows", || async { names.rows().await == (40, 40) }).await;
-    wait_until(LIMIT, "one dead letter", || async { client.ready(&names.dead_letter_queue).await == 1 }).await;
+    wait_until(LIMIT, "40 rows", || async {
+        names.rows().await == (40, 40)
+    })
+    .await;
+    wait_until(LIMIT, "one dead letter", || async {
+        client.ready(&names.dead_letter_queue).await == 1
+    })
+    .await;
     let dead = client.drain(&names.dead_letter_queue).await;
     assert_eq!(dead[0].1, "database_rejected");
     assert!(dead[0].2.contains("no_poison"), "{}", dead[0].2);
-    assert_eq!(String::from_utf8_lossy(&dead[0].0), String::from_utf8_lossy(&old_reading("POISON", 10.0)));
-    assert_eq!(deps.metrics.rejected.with_label_values(&["database_rejected"]).get(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&dead[0].0),
+        String::from_utf8_lossy(&old_reading("POISON", 10.0))
+    );
+    assert_eq!(
+        deps.metrics
+            .rejected
+            .with_label_values(&["database_rejected"])
+            .get(),
+        1
+    );
     token.cancel();
     consumer.await.unwrap().unwrap();
 }
@@ -195,12 +306,20 @@ async fn metrics_endpoint_serves_the_old_names_and_they_move() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = deps.metrics.clone();
-    let server = tokio::spawn(sistema_mensajes::http::serve(listener, Arc::new(move || metrics.render()), token.clone()));
+    let server = tokio::spawn(sistema_mensajes::http::serve(
+        listener,
+        Arc::new(move || metrics.render()),
+        token.clone(),
+    ));
 
     let scrape = |path: &'static str| async move {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -222,11 +341,23 @@ async fn metrics_endpoint_serves_the_old_names_and_they_move() {
     const N: u64 = 500;
     let mut pcfg = names.producer_config_via(&amqp_url());
     pcfg.simulation.rate = Some(250.0); // two seconds of traffic, so the rate gauge sees it
-    producer::run(pcfg, Mode::Count(N), Default::default(), CancellationToken::new()).await.unwrap();
-    wait_until(LIMIT, "processed moves to N and the rate above zero", || async {
-        let text = scrape("/metrics").await;
-        value(&text, "messages_processed_total") == N as f64 && value(&text, "messages_per_second") > 0.0
-    })
+    producer::run(
+        pcfg,
+        Mode::Count(N),
+        Default::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    wait_until(
+        LIMIT,
+        "processed moves to N and the rate above zero",
+        || async {
+            let text = scrape("/metrics").await;
+            value(&text, "messages_processed_total") == N as f64
+                && value(&text, "messages_per_second") > 0.0
+        },
+    )
     .await;
     token.cancel();
     consumer.await.unwrap().unwrap();

@@ -11,7 +11,7 @@ use sistema_mensajes::daemon::{self, CommonArgs};
 /// Reads weather readings from RabbitMQ, validates them and stores each exactly once in
 /// PostgreSQL. Invalid messages go to the dead-letter queue with their reason.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "consumer", version, about)]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,

@@ -12,7 +12,7 @@ use tracing::{error, info};
 
 /// Publishes simulated weather readings to RabbitMQ with publisher confirms.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "producer", version, about)]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,

@@ -7,7 +7,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use rand::distr::{Alphanumeric, SampleString};
@@ -18,16 +21,20 @@ use tokio_postgres::NoTls;
 use url::Url;
 
 pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 pub fn pg_url() -> String {
-    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// `test-<what>-<10 random characters>`, lowercase.
 pub fn unique_name(what: &str) -> String {
-    let r = Alphanumeric.sample_string(&mut rand::rng(), 10).to_lowercase();
+    let r = Alphanumeric
+        .sample_string(&mut rand::rng(), 10)
+        .to_lowercase();
     format!("test-{what}-{r}")
 }
 
@@ -54,7 +61,10 @@ where
 /// Runs async cleanup from `Drop`, on a runtime of its own.
 fn cleanup(fut: impl Future<Output = ()> + Send + 'static) {
     let _ = std::thread::spawn(move || {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             rt.block_on(fut);
         }
     })
@@ -62,7 +72,9 @@ fn cleanup(fut: impl Future<Output = ()> + Send + 'static) {
 }
 
 pub async fn pg_client(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect to PostgreSQL");
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to PostgreSQL");
     tokio::spawn(conn);
     client
 }
@@ -81,7 +93,10 @@ pub struct Names {
 impl Names {
     pub fn new(what: &str) -> Self {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("TEST_LOG")
+                    .unwrap_or_else(|_| "warn".into()),
+            )
             .with_test_writer()
             .try_init();
         let base = unique_name(what);
@@ -97,7 +112,11 @@ impl Names {
 
     /// Creates the schema (empty: the consumer applies the migrations itself).
     pub async fn create_schema(&self) {
-        pg_client(&pg_url()).await.batch_execute(&format!("CREATE SCHEMA {}", self.schema)).await.unwrap();
+        pg_client(&pg_url())
+            .await
+            .batch_execute(&format!("CREATE SCHEMA {}", self.schema))
+            .await
+            .unwrap();
     }
 
     pub fn consumer_config(&self) -> ConsumerConfig {
@@ -143,8 +162,14 @@ impl Names {
             ("CONSUMER_AMQP__EXCHANGE", self.exchange.clone()),
             ("CONSUMER_AMQP__QUEUE", self.queue.clone()),
             ("CONSUMER_AMQP__ROUTING_KEY", self.routing_key.clone()),
-            ("CONSUMER_AMQP__DEAD_LETTER_EXCHANGE", self.dead_letter_exchange.clone()),
-            ("CONSUMER_AMQP__DEAD_LETTER_QUEUE", self.dead_letter_queue.clone()),
+            (
+                "CONSUMER_AMQP__DEAD_LETTER_EXCHANGE",
+                self.dead_letter_exchange.clone(),
+            ),
+            (
+                "CONSUMER_AMQP__DEAD_LETTER_QUEUE",
+                self.dead_letter_queue.clone(),
+            ),
             ("CONSUMER_POSTGRES__URL", pg_url()),
             ("CONSUMER_POSTGRES__SCHEMA", self.schema.clone()),
             ("CONSUMER_METRICS__LISTEN", "127.0.0.1:0".into()),
@@ -160,20 +185,41 @@ impl Names {
 
     /// Declares the main queue the way the older system did: durable, no arguments, bound.
     pub async fn predeclare_like_the_old_system(&self, ch: &Channel) {
-        ch.exchange_declare(self.exchange.as_str().into(), lapin::ExchangeKind::Direct,
-            lapin::options::ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
-            .await
-            .unwrap();
-        ch.queue_declare(self.queue.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
-        ch.queue_bind(self.queue.as_str().into(), self.exchange.as_str().into(), self.routing_key.as_str().into(),
-            Default::default(), FieldTable::default())
-            .await
-            .unwrap();
+        ch.exchange_declare(
+            self.exchange.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_declare(
+            self.queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            self.queue.as_str().into(),
+            self.exchange.as_str().into(),
+            self.routing_key.as_str().into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     }
 
     pub async fn rows(&self) -> (i64, i64) {
         let client = pg_client(&pg_url()).await;
-        let sql = format!("SELECT count(*), count(DISTINCT message_id) FROM {}.weather_logs", self.schema);
+        let sql = format!(
+            "SELECT count(*), count(DISTINCT message_id) FROM {}.weather_logs",
+            self.schema
+        );
         match client.query_one(&sql, &[]).await {
             Ok(row) => (row.get(0), row.get(1)),
             Err(_) => (0, 0), // table not created yet
@@ -182,8 +228,17 @@ impl Names {
 
     pub async fn stored_ids(&self) -> Vec<uuid::Uuid> {
         let client = pg_client(&pg_url()).await;
-        let sql = format!("SELECT message_id FROM {}.weather_logs ORDER BY message_id", self.schema);
-        client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+        let sql = format!(
+            "SELECT message_id FROM {}.weather_logs ORDER BY message_id",
+            self.schema
+        );
+        client
+            .query(&sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 }
 
@@ -195,15 +250,23 @@ impl Drop for Names {
         cleanup(async move {
             if let Ok((client, conn)) = tokio_postgres::connect(&pg_url(), NoTls).await {
                 tokio::spawn(conn);
-                let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await;
+                let _ = client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .await;
             }
-            if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+            if let Ok(conn) =
+                Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+            {
                 if let Ok(ch) = conn.create_channel().await {
                     for q in queues {
-                        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
                     }
                     for x in exchanges {
-                        let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
+                        let _ = ch
+                            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
                     }
                 }
                 let _ = conn.close(200, "".into()).await;
@@ -213,7 +276,10 @@ impl Drop for Names {
 }
 
 pub fn fast_retry() -> RetryConfig {
-    RetryConfig { min_delay: Duration::from_millis(50), max_delay: Duration::from_millis(500) }
+    RetryConfig {
+        min_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+    }
 }
 
 /// A plain AMQP client, like the older system's scripts.
@@ -224,18 +290,36 @@ pub struct Client {
 
 impl Client {
     pub async fn connect() -> Self {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap();
         let channel = conn.create_channel().await.unwrap();
         channel.confirm_select(Default::default()).await.unwrap();
         Self { conn, channel }
     }
 
     /// Publishes persistent messages and waits for every confirm.
-    pub async fn publish_all(&self, exchange: &str, key: &str, bodies: &[(Vec<u8>, BasicProperties)]) {
+    pub async fn publish_all(
+        &self,
+        exchange: &str,
+        key: &str,
+        bodies: &[(Vec<u8>, BasicProperties)],
+    ) {
         let mut confirms = Vec::new();
         for (body, props) in bodies {
             let props = props.clone().with_delivery_mode(2);
-            confirms.push(self.channel.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, props).await.unwrap());
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        exchange.into(),
+                        key.into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        props,
+                    )
+                    .await
+                    .unwrap(),
+            );
         }
         for c in confirms {
             assert!(c.await.unwrap().is_ack());
@@ -245,7 +329,16 @@ impl Client {
     /// Messages ready in `queue` (not counting unacknowledged ones).
     pub async fn ready(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.unwrap();
-        let q = ch.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
         let n = q.map(|q| q.message_count()).unwrap_or(0);
         let _ = ch.close(200, "".into()).await;
         n
@@ -254,10 +347,19 @@ impl Client {
     /// Takes every message in `queue` (acking them): (body, x-rejection-reason, x-rejection-detail).
     pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, String, String)> {
         let mut out = Vec::new();
-        while let Some(msg) = self.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        while let Some(msg) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
             let props = &msg.delivery.properties;
-            let reason = sistema_mensajes::amqp::header_str(props, "x-rejection-reason").unwrap_or("").to_owned();
-            let detail = sistema_mensajes::amqp::header_str(props, "x-rejection-detail").unwrap_or("").to_owned();
+            let reason = sistema_mensajes::amqp::header_str(props, "x-rejection-reason")
+                .unwrap_or("")
+                .to_owned();
+            let detail = sistema_mensajes::amqp::header_str(props, "x-rejection-detail")
+                .unwrap_or("")
+                .to_owned();
             out.push((msg.delivery.data.clone(), reason, detail));
         }
         out
@@ -267,7 +369,13 @@ impl Client {
 /// Unacknowledged messages of `queue`, asked of the broker itself.
 pub fn unacked(queue: &str) -> Option<u64> {
     let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged"])
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ])
         .output()
         .ok()?;
     String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
@@ -291,14 +399,18 @@ impl Proxy {
         let up_rx = up.subscribe();
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if !*up_rx.borrow() {
                     drop(inbound);
                     continue;
                 }
                 let mut state = up_rx.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = state.wait_for(|up| !*up) => {}
@@ -328,7 +440,11 @@ impl Proxy {
 pub fn target_of(url: &str) -> SocketAddr {
     let u = Url::parse(url).unwrap();
     let host = u.host_str().unwrap();
-    let host = if host == "localhost" { "127.0.0.1" } else { host };
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
     format!("{host}:{}", u.port().unwrap()).parse().unwrap()
 }
 

@@ -1,0 +1,171 @@
+//! The binaries as operators use them: --help, --version, --check-config, exit codes, one-shot sends.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).env_remove("CREDENTIALS_DIRECTORY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+const CONSUMER: &str = env!("CARGO_BIN_EXE_consumer");
+const PRODUCER: &str = env!("CARGO_BIN_EXE_producer");
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+#[test]
+fn version_and_help() {
+    for (bin, name) in [(CONSUMER, "consumer"), (PRODUCER, "producer")] {
+        let out = run(bin, &["--version"], &[]);
+        assert!(out.status.success());
+        assert_eq!(
+            text(&out.stdout).trim(),
+            format!("{name} {}", env!("CARGO_PKG_VERSION"))
+        );
+        let help = text(&run(bin, &["--help"], &[]).stdout);
+        assert!(
+            help.contains("--config <PATH>") && help.contains("--check-config"),
+            "{help}"
+        );
+    }
+    assert!(text(&run(PRODUCER, &["--help"], &[]).stdout).contains("--send <JSON>"));
+    assert_eq!(
+        run(CONSUMER, &["--no-such-flag"], &[]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn check_config_prints_the_effective_config_without_passwords() {
+    let dir = std::env::temp_dir().join(unique_name("cli"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pw = dir.join("pg-password");
+    std::fs::write(&pw, "file-secret-123\n").unwrap();
+    let out = run(
+        CONSUMER,
+        &["--check-config"],
+        &[
+            (
+                "CONSUMER_AMQP__URL",
+                "amqp://bob:inline-secret-456@rabbit:5672/%2f",
+            ),
+            ("CONSUMER_POSTGRES__PASSWORD_FILE", pw.to_str().unwrap()),
+            ("CONSUMER_BATCH__MAX_SIZE", "250"),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("max_size = 250"), "{stdout}");
+    assert!(
+        stdout.contains("amqp://bob:REDACTED@rabbit:5672/%2f"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("inline-secret-456") && !stdout.contains("file-secret-123"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn configuration_errors_name_the_key_and_exit_78() {
+    let dir = std::env::temp_dir().join(unique_name("cli"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("consumer.toml");
+    std::fs::write(&file, "[batch]\nmax_sise = 10\n").unwrap();
+    let out = run(CONSUMER, &["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text(&out.stderr).contains("max_sise"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(
+        CONSUMER,
+        &["--check-config"],
+        &[("CONSUMER_AMQP__PREFETCH", "lots")],
+    );
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text(&out.stderr).to_lowercase().contains("amqp.prefetch"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(
+        PRODUCER,
+        &["--check-config"],
+        &[("PRODUCER_SIMULATION__STATIONS", "0")],
+    );
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text(&out.stderr).contains("simulation.stations"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(
+        CONSUMER,
+        &["--config", dir.join("absent.toml").to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text(&out.stderr).contains("absent.toml"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(
+        CONSUMER,
+        &["--check-config"],
+        &[("CONSUMER_AMQP__PASSWORD_FILE", "/nonexistent/pw")],
+    );
+    assert!(
+        out.status.success(),
+        "the password is read at start, not by --check-config"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn producer_count_and_one_shot_send_publish_and_confirm() {
+    let names = Names::new("cli-send");
+    let env = [
+        ("PRODUCER_AMQP__URL", amqp_url()),
+        ("PRODUCER_AMQP__EXCHANGE", names.exchange.clone()),
+        ("PRODUCER_AMQP__QUEUE", names.queue.clone()),
+        ("PRODUCER_AMQP__ROUTING_KEY", names.routing_key.clone()),
+        ("PRODUCER_METRICS__LISTEN", "127.0.0.1:0".to_owned()),
+        ("PRODUCER_SIMULATION__RATE", "0".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = run(PRODUCER, &["--count", "25"], &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let body = r#"{"station_id": "HAND-1", "temperature": 3.5, "humidity": 40, "pressure": 990}"#;
+    let out = run(PRODUCER, &["--send", body], &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let client = Client::connect().await;
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "26 messages queued",
+        || async { client.ready(&names.queue).await == 26 },
+    )
+    .await;
+    let msgs = client.drain(&names.queue).await;
+    assert_eq!(
+        msgs.last().unwrap().0,
+        body.as_bytes(),
+        "sent exactly as given"
+    );
+}
