@@ -1,4 +1,5 @@
 //! The binaries as operators use them: --help, --version, --check-config, exit codes, one-shot sends.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // Tests fail by panicking.
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Real failures: the consumer killed or stopped mid-stream, PostgreSQL and RabbitMQ cut off
 //! through a proxy. Nothing confirmed may be lost or stored twice.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // Tests fail by panicking.
 
 mod common;
 

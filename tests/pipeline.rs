@@ -1,4 +1,5 @@
 //! The pipeline against real RabbitMQ and PostgreSQL: readings in, rows out, bad input contained.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // Tests fail by panicking.
 
 mod common;
 
