@@ -9,6 +9,7 @@
 //! message is stored exactly once. While PostgreSQL is away the writer keeps its batch and
 //! retries; the bounded channel and the prefetch limit stop further deliveries meanwhile.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,8 +35,9 @@ use crate::retry;
 use crate::secret::Secret;
 use crate::telemetry::LogLimiter;
 
-/// How often the reader wakes up when idle, so its heartbeat stays fresh.
-const IDLE_TICK: Duration = Duration::from_secs(1);
+/// How often the reader wakes up when idle, so its heartbeat stays fresh (well inside
+/// [`crate::systemd::MIN_STALL`]).
+const IDLE_TICK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -287,7 +289,7 @@ async fn consume(
                 // Deliveries already buffered stay unacked and go back to the queue on close.
                 let rest = tokio::time::timeout(amqp::BROKER_TIMEOUT, (&mut deliveries).count()).await;
                 debug!(message = "Consumer cancelled.", returned_to_queue = rest.unwrap_or(0));
-                send(tx, batch).await;
+                send(tx, batch, health).await;
                 return Ok(());
             }
             _ = sleep_until(deadline) => true,
@@ -299,11 +301,11 @@ async fn consume(
                     batch.len() >= max
                 }
                 Some(Err(e)) => {
-                    send(tx, batch).await;
+                    send(tx, batch, health).await;
                     return Err(e);
                 }
                 None => {
-                    send(tx, batch).await;
+                    send(tx, batch, health).await;
                     return Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
                         lapin::ChannelState::Closed,
                         "the broker cancelled the consumer",
@@ -314,7 +316,7 @@ async fn consume(
         };
         health.beat();
         if flush {
-            send(tx, std::mem::replace(&mut batch, new_batch())).await;
+            send(tx, std::mem::replace(&mut batch, new_batch()), health).await;
             deadline = None;
         }
     }
@@ -327,10 +329,22 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-async fn send(tx: &mpsc::Sender<Batch>, batch: Batch) {
-    if batch.len() > 0 && tx.send(batch).await.is_err() {
+/// Hands a batch to the writer. Waiting for room is healthy backpressure, so it keeps beating;
+/// a writer that is stuck shows up in its own busy time instead.
+async fn send(tx: &mpsc::Sender<Batch>, batch: Batch, health: &Health) {
+    if batch.len() == 0 {
+        return;
+    }
+    let permit = loop {
+        tokio::select! {
+            permit = tx.reserve() => break permit,
+            _ = tokio::time::sleep(IDLE_TICK) => health.beat(),
+        }
+    };
+    match permit {
+        Ok(permit) => permit.send(batch),
         // The writer has stopped, so nothing will be acked: the broker redelivers these.
-        debug!("Writer is gone; leaving the batch unacknowledged.");
+        Err(_) => debug!("Writer is gone; leaving the batch unacknowledged."),
     }
 }
 
@@ -373,7 +387,12 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Batch>) {
         let mut reject_log = LogLimiter::new(10, Duration::from_secs(10));
-        while let Some(mut batch) = rx.recv().await {
+        loop {
+            self.health.work_done();
+            let Some(mut batch) = rx.recv().await else {
+                break;
+            };
+            self.health.work_started();
             let size = batch.len();
             let started = Instant::now();
             let Some(rejected_rows) = self.store(&batch.rows).await else {
@@ -421,6 +440,9 @@ impl Writer {
             m.insert_duration.observe(elapsed.as_secs_f64());
             m.last_commit
                 .set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
+            m.last_batch.store(size as u64, Ordering::Relaxed);
+            m.last_batch_micros
+                .store(elapsed.as_micros() as u64, Ordering::Relaxed);
             debug!(
                 message = "Stored a batch.",
                 batch_size = size,
@@ -441,7 +463,7 @@ impl Writer {
         }
         let mut delays = retry::delays(&self.cfg.retry);
         loop {
-            self.health.beat();
+            self.health.work_started();
             match self.try_store(rows).await {
                 Ok(stored) => {
                     let accepted = (rows.len() - stored.rejected.len()) as u64;
@@ -531,7 +553,7 @@ async fn dead_letter(
                 message = "Rejected a message; it is in the dead-letter queue.",
                 reason = rejection.reason.as_str(),
                 detail = %rejection.detail,
-                message_id = raw.message_id().unwrap_or(""),
+                reading_id = raw.message_id().unwrap_or(""),
                 bytes = raw.data.len(),
                 suppressed,
             );
@@ -548,4 +570,34 @@ enum DeadLetterError {
     Lapin(#[from] lapin::Error),
     #[error("the broker refused (nacked) a dead-letter message")]
     Nacked,
+}
+
+/// The `STATUS=` line `systemctl status consumer` shows.
+pub fn status_line(metrics: &ConsumerMetrics, health: &Health) -> String {
+    let problem = health.problem();
+    match health.phase() {
+        Phase::Starting => "starting".into(),
+        Phase::WaitingForDatabase => format!(
+            "waiting for PostgreSQL: {}",
+            problem.as_deref().unwrap_or("connecting")
+        ),
+        Phase::WaitingForBroker => format!(
+            "waiting for RabbitMQ: {}",
+            problem.as_deref().unwrap_or("connecting")
+        ),
+        Phase::Stopping => "stopping: storing and acknowledging what is in hand".into(),
+        Phase::Running => format!(
+            "stored {} readings, {:.0}/s, last batch {} in {} ms, {} pending, {} rejected, {}",
+            metrics.processed.get(),
+            metrics.per_second.get(),
+            metrics.last_batch.load(Ordering::Relaxed),
+            metrics.last_batch_micros.load(Ordering::Relaxed) / 1000,
+            metrics.pending.get(),
+            RejectReason::ALL
+                .iter()
+                .map(|r| metrics.rejected.with_label_values(&[r.as_str()]).get())
+                .sum::<u64>(),
+            problem.as_deref().unwrap_or("database ok"),
+        ),
+    }
 }

@@ -105,14 +105,36 @@ pub async fn with_deadline<T>(
     }
 }
 
-/// Binds the metrics listener (if `listen` is set), serves `/metrics`, installs the signal handlers and runs `work`
-/// until it returns, with `shutdown_timeout` once a signal came. `Err` is the exit code.
-pub async fn serve<T, E, F, Fut>(
-    listen: Option<SocketAddr>,
-    render: crate::http::Render,
-    shutdown_timeout: Duration,
-    work: F,
-) -> Result<T, ExitCode>
+/// What [`serve`] needs to know about a daemon besides its work.
+pub struct Service {
+    /// Where to bind `/metrics` when systemd passes no socket; `None` serves no metrics.
+    pub listen: Option<SocketAddr>,
+    pub render: crate::http::Render,
+    pub health: std::sync::Arc<crate::health::Health>,
+    pub status: crate::systemd::StatusLine,
+    pub shutdown_timeout: Duration,
+}
+
+/// The metrics listener: the socket systemd passed, else `addr` bound here.
+pub async fn metrics_listener_or_bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    match crate::systemd::metrics_listener() {
+        Ok(Some(std)) => {
+            let listener = TcpListener::from_std(std).map_err(|e| e.to_string())?;
+            let local = listener.local_addr().map_err(|e| e.to_string())?;
+            info!(message = "Serving metrics on the socket systemd passed.", address = %local, path = "/metrics");
+            Ok(listener)
+        }
+        Ok(None) => metrics_listener(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Takes the metrics listener, serves `/metrics`, reports to systemd, installs the signal
+/// handlers and runs `work` until it returns, with `shutdown_timeout` once a signal came.
+/// `Err` is the exit code.
+pub async fn serve<T, E, F, Fut>(svc: Service, work: F) -> Result<T, ExitCode>
 where
     E: std::fmt::Display,
     F: FnOnce(CancellationToken) -> Fut,
@@ -120,9 +142,9 @@ where
 {
     let failure = ExitCode::from(EXIT_FAILURE);
     let token = CancellationToken::new();
-    let listener = match listen {
-        Some(addr) => Some(metrics_listener(addr).await.map_err(|e| {
-            error!(message = "Cannot listen for metrics.", address = %addr, error = %e);
+    let listener = match svc.listen {
+        Some(addr) => Some(metrics_listener_or_bind(addr).await.map_err(|e| {
+            error!(message = "Cannot serve metrics.", error = %e);
             failure
         })?),
         None => None,
@@ -131,15 +153,24 @@ where
         error!(message = "Cannot install signal handlers.", error = %e);
         failure
     })?;
-    let server_token = token.child_token();
-    let server = tokio::spawn(async move {
-        if let Some(listener) = listener {
-            crate::http::serve(listener, render, server_token).await;
-        }
-    });
-    let outcome = with_deadline(work(token.clone()), &token, shutdown_timeout).await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    if let Some(listener) = listener {
+        tracker.spawn(crate::http::serve(
+            listener,
+            svc.render,
+            token.child_token(),
+        ));
+    }
+    // Sends STOPPING=1 as soon as the token is cancelled, when shutdown starts.
+    tracker.spawn(crate::systemd::supervise(
+        svc.health,
+        svc.status,
+        token.clone(),
+    ));
+    tracker.close();
+    let outcome = with_deadline(work(token.clone()), &token, svc.shutdown_timeout).await;
     token.cancel();
-    let _ = server.await;
+    tracker.wait().await;
     match outcome {
         Some(Ok(v)) => Ok(v),
         Some(Err(e)) => {

@@ -26,6 +26,8 @@ const INSERT: &str = "INSERT INTO weather_logs \
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    #[error("{0}: no answer within {1:?}")]
+    Timeout(&'static str, std::time::Duration),
     #[error("invalid postgres.url: {0}")]
     Config(#[source] tokio_postgres::Error),
     #[error("{context}: {}", describe(source))]
@@ -45,7 +47,7 @@ impl DbError {
     pub fn is_data_error(&self) -> bool {
         match self {
             DbError::Postgres { source, .. } => source.code().is_some_and(is_data_state),
-            DbError::Config(_) => false,
+            DbError::Config(_) | DbError::Timeout(..) => false,
         }
     }
 
@@ -53,6 +55,7 @@ impl DbError {
     pub fn error_type(&self) -> &'static str {
         match self {
             DbError::Config(_) => "config",
+            DbError::Timeout(..) => "timeout",
             DbError::Postgres { source, .. } => match source.code() {
                 Some(c) if is_data_state(c) => "data_rejected",
                 Some(c) if c.code().starts_with("08") => "connection",
@@ -86,6 +89,9 @@ fn is_data_state(code: &SqlState) -> bool {
 pub struct Db {
     client: Client,
     insert: Statement,
+    /// Client-side bound on one insert: the server's statement_timeout plus slack, so a
+    /// connection that went silent (no RST, no answer) fails instead of hanging.
+    insert_timeout: std::time::Duration,
 }
 
 /// Result of [`Db::insert_isolating`].
@@ -125,7 +131,12 @@ impl Db {
             .prepare(INSERT)
             .await
             .map_err(DbError::pg("prepare insert"))?;
-        Ok(Self { client, insert })
+        let insert_timeout = cfg.statement_timeout + std::time::Duration::from_secs(5);
+        Ok(Self {
+            client,
+            insert,
+            insert_timeout,
+        })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -140,13 +151,13 @@ impl Db {
         let hums: Vec<_> = rows.iter().map(|r| r.humidity).collect();
         let press: Vec<_> = rows.iter().map(|r| r.pressure).collect();
         let measured: Vec<_> = rows.iter().map(|r| r.measured_at).collect();
-        self.client
-            .execute(
-                &self.insert,
-                &[&ids, &stations, &temps, &hums, &press, &measured],
-            )
-            .await
-            .map_err(DbError::pg("insert batch"))
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&ids, &stations, &temps, &hums, &press, &measured];
+        let insert = self.client.execute(&self.insert, &params);
+        match tokio::time::timeout(self.insert_timeout, insert).await {
+            Ok(result) => result.map_err(DbError::pg("insert batch")),
+            Err(_) => Err(DbError::Timeout("insert batch", self.insert_timeout)),
+        }
     }
 
     /// Inserts `rows`; if PostgreSQL refuses the data, splits the batch in halves until the

@@ -22,6 +22,8 @@ pub struct Health {
     started: Instant,
     phase: watch::Sender<Phase>,
     heartbeat_ms: AtomicU64,
+    /// When the current unit of work (storing a batch) started or last made progress; 0 = idle.
+    busy_since_ms: AtomicU64,
     problem: Mutex<Option<String>>,
 }
 
@@ -37,6 +39,7 @@ impl Health {
             started: Instant::now(),
             phase: watch::Sender::new(Phase::Starting),
             heartbeat_ms: AtomicU64::new(0),
+            busy_since_ms: AtomicU64::new(0),
             problem: Mutex::new(None),
         }
     }
@@ -54,10 +57,39 @@ impl Health {
         self.phase.subscribe()
     }
 
-    /// The loop made progress, or waited healthily (an idle tick, a retry).
+    fn now_ms(&self) -> u64 {
+        // Never 0, which means "idle" for `busy_since_ms`.
+        u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// The main loop made progress, or waited healthily (an idle tick, a retry, backpressure).
     pub fn beat(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+        self.heartbeat_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A unit of work (storing a batch) started, or made progress (a retry).
+    pub fn work_started(&self) {
+        self.busy_since_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The unit of work is finished; waiting for the next is healthy.
+    pub fn work_done(&self) {
+        self.busy_since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// `Some(how long)` if the main loop has not beaten, or one unit of work has made no
+    /// progress, for longer than `limit`: a hung insert, a deadlock.
+    pub fn stalled(&self, limit: Duration) -> Option<Duration> {
+        let now = self.now_ms();
+        let beat = now.saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed));
+        let busy = match self.busy_since_ms.load(Ordering::Relaxed) {
+            0 => 0,
+            since => now.saturating_sub(since),
+        };
+        let worst = Duration::from_millis(beat.max(busy));
+        (worst > limit).then_some(worst)
     }
 
     /// Time since the last [`beat`](Self::beat).
@@ -75,5 +107,29 @@ impl Health {
 
     pub fn problem(&self) -> Option<String> {
         self.problem.lock().ok().and_then(|p| p.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_heartbeat_is_reported() {
+        let h = Health::new();
+        h.beat();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(h.stalled(Duration::from_millis(10)).is_some());
+        h.beat();
+        assert!(h.stalled(Duration::from_millis(10)).is_none());
+        h.work_started();
+        std::thread::sleep(Duration::from_millis(30));
+        h.beat();
+        assert!(
+            h.stalled(Duration::from_millis(10)).is_some(),
+            "work without progress"
+        );
+        h.work_done();
+        assert!(h.stalled(Duration::from_millis(10)).is_none());
     }
 }

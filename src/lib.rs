@@ -20,4 +20,5 @@ pub mod reading;
 pub mod retry;
 pub mod secret;
 pub mod station;
+pub mod systemd;
 pub mod telemetry;

@@ -5,6 +5,7 @@
 //! `messages_per_second`, `consumer_memory_usage_bytes`, `postgres_insert_errors_total`.
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use prometheus::{
@@ -103,6 +104,9 @@ pub struct ConsumerMetrics {
     pub amqp_connection_errors: IntCounter,
     pub postgres_connection_errors: IntCounter,
     pub last_commit: Gauge,
+    /// Size and duration of the last batch, for the systemd status line (not exported).
+    pub last_batch: AtomicU64,
+    pub last_batch_micros: AtomicU64,
 }
 
 impl ConsumerMetrics {
@@ -121,6 +125,8 @@ impl ConsumerMetrics {
             amqp_connection_errors: counter(&r, "amqp_connection_errors_total", "RabbitMQ connections lost or attempts that failed."),
             postgres_connection_errors: counter(&r, "postgres_connection_errors_total", "PostgreSQL connections lost or attempts that failed."),
             last_commit: gauge(&r, "consumer_last_commit_timestamp_seconds", "Unix time of the last batch stored and acknowledged."),
+            last_batch: AtomicU64::new(0),
+            last_batch_micros: AtomicU64::new(0),
             registry: r,
         };
         for reason in RejectReason::ALL {

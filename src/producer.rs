@@ -447,12 +447,32 @@ impl Publisher {
             warn!(
                 message = "A reading was not accepted; it will be republished.",
                 problem,
-                message_id = msg.id,
+                reading_id = msg.id,
                 retry_in_ms = delay.as_millis() as u64,
                 suppressed
             );
         }
         self.retry.push_back(msg);
+    }
+}
+
+/// The `STATUS=` line `systemctl status producer` shows.
+pub fn status_line(metrics: &ProducerMetrics, health: &Health) -> String {
+    let problem = health.problem();
+    match health.phase() {
+        Phase::Running => format!(
+            "confirmed {} readings, {} unconfirmed, {} returned, {} nacked, {}",
+            metrics.confirmed.get(),
+            metrics.unconfirmed.get(),
+            metrics.returned.get(),
+            metrics.nacked.get(),
+            problem.as_deref().unwrap_or("broker ok"),
+        ),
+        Phase::Stopping => "stopping: waiting for outstanding confirms".into(),
+        _ => format!(
+            "waiting for RabbitMQ: {}",
+            problem.as_deref().unwrap_or("connecting")
+        ),
     }
 }
 

@@ -39,7 +39,11 @@ pub fn init(
     if wants_journald(cfg.format) {
         match tracing_journald::layer() {
             Ok(layer) => {
-                let layer = layer.with_syslog_identifier(identifier.to_owned());
+                // Fields go in as themselves (BATCH_SIZE, ERROR_TYPE, REASON, READING_ID), so an
+                // operator can filter on them: `journalctl -u consumer REASON=out_of_range`.
+                let layer = layer
+                    .with_syslog_identifier(identifier.to_owned())
+                    .with_field_prefix(None);
                 tracing_subscriber::registry()
                     .with(layer.with_filter(filter))
                     .try_init()?;

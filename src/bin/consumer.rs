@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::Parser;
 use sistema_mensajes::config::ConsumerConfig;
 use sistema_mensajes::consumer::{self, Deps};
-use sistema_mensajes::daemon::{self, CommonArgs};
+use sistema_mensajes::daemon::{self, CommonArgs, Service};
 
 /// Reads weather readings from RabbitMQ, validates them and stores each exactly once in
 /// PostgreSQL. Invalid messages go to the dead-letter queue with their reason.
@@ -22,10 +22,18 @@ fn main() -> ExitCode {
     let run = || -> Result<(), ExitCode> {
         let cfg: ConsumerConfig = daemon::setup(&cli.common, "consumer")?;
         let deps = Deps::default();
-        let metrics = deps.metrics.clone();
-        let render = Arc::new(move || metrics.render());
-        let (listen, timeout) = (Some(cfg.metrics.listen), cfg.shutdown_timeout);
-        daemon::runtime()?.block_on(daemon::serve(listen, render, timeout, |token| {
+        let (metrics, health) = (deps.metrics.clone(), deps.health.clone());
+        let service = Service {
+            listen: Some(cfg.metrics.listen),
+            render: Arc::new({
+                let metrics = metrics.clone();
+                move || metrics.render()
+            }),
+            status: Arc::new(move || consumer::status_line(&metrics, &health)),
+            health: deps.health.clone(),
+            shutdown_timeout: cfg.shutdown_timeout,
+        };
+        daemon::runtime()?.block_on(daemon::serve(service, |token| {
             consumer::run(cfg, deps, token)
         }))
     };

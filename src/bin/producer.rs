@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use sistema_mensajes::config::ProducerConfig;
-use sistema_mensajes::daemon::{self, CommonArgs, EXIT_FAILURE};
+use sistema_mensajes::daemon::{self, CommonArgs, Service, EXIT_FAILURE};
 use sistema_mensajes::producer::{self, Deps, Mode};
 use tracing::{error, info};
 
@@ -42,15 +42,21 @@ fn main() -> ExitCode {
     let run = || -> Result<(), ExitCode> {
         let cfg: ProducerConfig = daemon::setup(&cli.common, "producer")?;
         let deps = Deps::default();
-        let metrics = deps.metrics.clone();
-        let render = Arc::new(move || metrics.render());
-        // A one-shot send serves no metrics, so it runs beside a producer daemon.
-        let listen = (!matches!(mode, Mode::Send(_))).then_some(cfg.metrics.listen);
-        let timeout = cfg.shutdown_timeout;
-        let summary =
-            daemon::runtime()?.block_on(daemon::serve(listen, render, timeout, |token| {
-                producer::run(cfg, mode, deps, token)
-            }))?;
+        let (metrics, health) = (deps.metrics.clone(), deps.health.clone());
+        let service = Service {
+            // A one-shot send serves no metrics, so it runs beside a producer daemon.
+            listen: (!matches!(mode, Mode::Send(_))).then_some(cfg.metrics.listen),
+            render: Arc::new({
+                let metrics = metrics.clone();
+                move || metrics.render()
+            }),
+            status: Arc::new(move || producer::status_line(&metrics, &health)),
+            health: deps.health.clone(),
+            shutdown_timeout: cfg.shutdown_timeout,
+        };
+        let summary = daemon::runtime()?.block_on(daemon::serve(service, |token| {
+            producer::run(cfg, mode, deps, token)
+        }))?;
         info!(
             message = "Stopped.",
             confirmed = summary.confirmed,

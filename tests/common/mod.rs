@@ -384,49 +384,87 @@ pub fn unacked(queue: &str) -> Option<u64> {
     })
 }
 
-/// A TCP proxy on 127.0.0.1 in front of `target`. `cut()` closes every connection through it and
-/// refuses new ones until `restore()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Up,
+    /// Connections stay open but nothing is forwarded: a hung peer.
+    Paused,
+    /// Every connection is closed and new ones are refused.
+    Cut,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target` that can cut or pause the traffic for real.
 pub struct Proxy {
     pub addr: SocketAddr,
-    up: watch::Sender<bool>,
+    link: watch::Sender<Link>,
+}
+
+/// Copies one direction, holding data back while paused; ends when cut or closed.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut link: watch::Receiver<Link>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            _ = link.wait_for(|l| *l == Link::Cut) => return,
+        };
+        if link
+            .wait_for(|l| *l != Link::Paused)
+            .await
+            .map(|l| *l == Link::Cut)
+            .unwrap_or(true)
+        {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (up, _) = watch::channel(true);
-        let up_rx = up.subscribe();
+        let (link, _) = watch::channel(Link::Up);
+        let rx = link.subscribe();
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
-                if !*up_rx.borrow() {
+                if *rx.borrow() == Link::Cut {
                     drop(inbound);
                     continue;
                 }
-                let mut state = up_rx.clone();
+                let rx = rx.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = state.wait_for(|up| !*up) => {}
-                    }
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
+                    tokio::join!(pump(ir, ow, rx.clone()), pump(or, iw, rx));
                 });
             }
         });
-        Self { addr, up }
+        Self { addr, link }
     }
 
     pub fn cut(&self) {
-        self.up.send_replace(false);
+        self.link.send_replace(Link::Cut);
+    }
+
+    pub fn pause(&self) {
+        self.link.send_replace(Link::Paused);
     }
 
     pub fn restore(&self) {
-        self.up.send_replace(true);
+        self.link.send_replace(Link::Up);
     }
 
     /// `url` with its port replaced by the proxy's.
