@@ -197,7 +197,7 @@ impl Default for BatchConfig {
     fn default() -> Self {
         Self {
             max_size: 500,
-            max_wait: Duration::from_millis(20),
+            max_wait: Duration::from_millis(5),
         }
     }
 }

@@ -56,8 +56,7 @@ pub fn setup<C: DaemonConfig>(args: &CommonArgs, name: &str) -> Result<C, ExitCo
 
 /// A multi-threaded runtime with two workers: enough for the pipeline, small in memory.
 pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| {
