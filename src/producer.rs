@@ -42,6 +42,26 @@ pub enum Mode {
     Send(Vec<u8>),
 }
 
+impl Mode {
+    /// From `--send JSON|-` and `--count N`; `-` reads the message from `stdin`.
+    pub fn from_args(
+        send: Option<&str>,
+        count: Option<u64>,
+        mut stdin: impl std::io::Read,
+    ) -> std::io::Result<Self> {
+        Ok(match (send, count) {
+            (Some("-"), _) => {
+                let mut body = Vec::new();
+                stdin.read_to_end(&mut body)?;
+                Mode::Send(body)
+            }
+            (Some(s), _) => Mode::Send(s.as_bytes().to_vec()),
+            (None, Some(n)) => Mode::Count(n),
+            (None, None) => Mode::Simulate,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
     /// Readings the broker confirmed as routed and stored.

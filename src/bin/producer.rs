@@ -1,6 +1,5 @@
 //! `producer`: publishes simulated weather readings to RabbitMQ. All logic is in the library.
 
-use std::io::Read;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -26,18 +25,12 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mode = match (&cli.send, cli.count) {
-        (Some(s), _) if s == "-" => {
-            let mut body = Vec::new();
-            if let Err(e) = std::io::stdin().read_to_end(&mut body) {
-                eprintln!("producer: cannot read stdin: {e}");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-            Mode::Send(body)
+    let mode = match Mode::from_args(cli.send.as_deref(), cli.count, std::io::stdin()) {
+        Ok(mode) => mode,
+        Err(e) => {
+            eprintln!("producer: cannot read stdin: {e}");
+            return ExitCode::from(EXIT_FAILURE);
         }
-        (Some(s), _) => Mode::Send(s.clone().into_bytes()),
-        (None, Some(n)) => Mode::Count(n),
-        (None, None) => Mode::Simulate,
     };
     let run = || -> Result<(), ExitCode> {
         let cfg: ProducerConfig = daemon::setup(&cli.common, "producer")?;

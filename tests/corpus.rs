@@ -1,0 +1,99 @@
+//! The corpus of malformed messages in `tests/corpus/<reason>/`: each must be rejected with the
+//! reason its folder names, by the decoder and by a running consumer (in the dead-letter queue).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // Tests fail by panicking.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sistema_mensajes::consumer::{self, Deps};
+use sistema_mensajes::health::Phase;
+use sistema_mensajes::reading::{decode, RejectReason};
+use tokio_util::sync::CancellationToken;
+
+/// (reason, file name, bytes) for every file in the corpus.
+fn corpus() -> Vec<(String, String, Vec<u8>)> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus");
+    let mut out = Vec::new();
+    for dir in std::fs::read_dir(root).unwrap() {
+        let dir = dir.unwrap();
+        if !dir.file_type().unwrap().is_dir() {
+            continue;
+        }
+        let reason = dir.file_name().to_string_lossy().into_owned();
+        assert!(
+            RejectReason::ALL.iter().any(|r| r.as_str() == reason),
+            "folder {reason} is not a reason"
+        );
+        for file in std::fs::read_dir(dir.path()).unwrap() {
+            let file = file.unwrap();
+            out.push((
+                reason.clone(),
+                file.file_name().to_string_lossy().into_owned(),
+                std::fs::read(file.path()).unwrap(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_decoder_gives_each_file_its_reason() {
+    let corpus = corpus();
+    assert!(corpus.len() >= 40, "corpus too small: {}", corpus.len());
+    for (reason, name, body) in corpus {
+        let got = decode(&body, None, 4096)
+            .map(|r| r.station_id)
+            .unwrap_err()
+            .reason;
+        assert_eq!(got.as_str(), reason, "{reason}/{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_consumer_dead_letters_each_file_with_its_reason() {
+    let names = Names::new("corpus");
+    names.create_schema().await;
+    let deps = Deps::default();
+    let token = CancellationToken::new();
+    let running = tokio::spawn(consumer::run(
+        names.consumer_config(),
+        deps.clone(),
+        token.clone(),
+    ));
+    wait_until(Duration::from_secs(30), "consumer running", || async {
+        deps.health.phase() == Phase::Running
+    })
+    .await;
+    let corpus = corpus();
+    let client = Client::connect().await;
+    let msgs: Vec<_> = corpus
+        .iter()
+        .map(|(_, _, b)| (b.clone(), props()))
+        .collect();
+    client
+        .publish_all(&names.exchange, &names.routing_key, &msgs)
+        .await;
+    wait_until(
+        Duration::from_secs(30),
+        "every file dead-lettered",
+        || async { client.ready(&names.dead_letter_queue).await as usize == corpus.len() },
+    )
+    .await;
+    let mut got: Vec<(Vec<u8>, String)> = client
+        .drain(&names.dead_letter_queue)
+        .await
+        .into_iter()
+        .map(|(b, r, _)| (b, r))
+        .collect();
+    got.sort();
+    let mut want: Vec<(Vec<u8>, String)> = corpus.into_iter().map(|(r, _, b)| (b, r)).collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(names.rows().await.0, 0);
+    assert!(!running.is_finished());
+    token.cancel();
+    running.await.unwrap().unwrap();
+}
