@@ -101,12 +101,7 @@ async fn sigterm_mid_stream_exits_0_and_loses_nothing() {
         names.rows().await.0 > 1_000
     })
     .await;
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(child.id());
     let status = tokio::time::timeout(Duration::from_secs(25), child.wait())
         .await
         .expect("exits within the shutdown timeout")
@@ -221,17 +216,8 @@ async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
         .expect("producer finishes")
         .unwrap()
         .unwrap();
-    assert_eq!(
-        summary,
-        producer::Summary {
-            confirmed: N,
-            unconfirmed: 0
-        }
-    );
-    wait_until(LIMIT, "every reading stored once", || async {
-        names.rows().await == (N as i64, N as i64)
-    })
-    .await;
+    assert_all_confirmed(summary, N);
+    names.wait_rows(N, LIMIT).await;
     token.cancel();
     tokio::time::timeout(LIMIT, consumer)
         .await

@@ -42,18 +42,8 @@ async fn n_readings_in_give_n_rows_out_and_an_empty_queue() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        summary,
-        producer::Summary {
-            confirmed: N,
-            unconfirmed: 0
-        }
-    );
-
-    wait_until(LIMIT, "all rows stored", || async {
-        names.rows().await == (N as i64, N as i64)
-    })
-    .await;
+    assert_all_confirmed(summary, N);
+    names.wait_rows(N, LIMIT).await;
     let client = Client::connect().await;
     wait_until(LIMIT, "queue empty and acked", || async {
         deps.metrics.pending.get() == 0 && client.ready(&names.queue).await == 0

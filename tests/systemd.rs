@@ -67,15 +67,6 @@ fn producer_env(names: &Names) -> Vec<(String, String)> {
     .collect()
 }
 
-fn sigterm(child: &Child) {
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn both_daemons_serve_metrics_on_a_socket_passed_by_systemd() {
     let names = Names::new("socket");
@@ -103,7 +94,7 @@ async fn both_daemons_serve_metrics_on_a_socket_passed_by_systemd() {
             text.starts_with("HTTP/1.1 200") && text.contains(expect),
             "{bin}: {text}"
         );
-        sigterm(&child);
+        sigterm(child.id());
         let out = tokio::time::timeout(LIMIT, child.wait_with_output())
             .await
             .unwrap()
@@ -248,7 +239,7 @@ async fn notify_ready_only_once_the_database_is_reachable_then_status_watchdog_a
         );
     }
 
-    sigterm(&child);
+    sigterm(child.id());
     let status = tokio::time::timeout(LIMIT, child.wait_with_output())
         .await
         .unwrap()

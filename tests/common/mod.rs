@@ -226,6 +226,15 @@ impl Names {
         }
     }
 
+    /// Waits until exactly `n` distinct readings are stored.
+    pub async fn wait_rows(&self, n: u64, limit: Duration) {
+        let want = (n as i64, n as i64);
+        wait_until(limit, &format!("{n} readings stored once each"), || async {
+            self.rows().await == want
+        })
+        .await;
+    }
+
     pub async fn stored_ids(&self) -> Vec<uuid::Uuid> {
         let client = pg_client(&pg_url()).await;
         let sql = format!(
@@ -498,4 +507,25 @@ pub fn reading_with_id(id: uuid::Uuid) -> Vec<u8> {
 
 pub fn props() -> BasicProperties {
     BasicProperties::default().with_content_type("application/json".into())
+}
+
+/// Sends SIGTERM to a child process, as systemd does on stop.
+pub fn sigterm(pid: Option<u32>) {
+    let pid = pid.expect("child still running").to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// The producer confirmed all `n` readings and holds none back.
+pub fn assert_all_confirmed(summary: sistema_mensajes::producer::Summary, n: u64) {
+    assert_eq!(
+        summary,
+        sistema_mensajes::producer::Summary {
+            confirmed: n,
+            unconfirmed: 0
+        }
+    );
 }
