@@ -45,10 +45,24 @@ pub const PERSISTENT: u8 = 2;
 
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
+/// Largest AMQP frame we ask for unless the URL says otherwise (`?frame_max=`). lapin keeps
+/// 32 frames of buffer each way, so RabbitMQ's default of 128 KiB would cost 8 MiB of resident
+/// memory per connection; readings are a few hundred bytes, and larger bodies are simply split
+/// into more frames.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
 /// Connects; `name` shows in the RabbitMQ management UI. The URI holds the password: never log it.
 pub async fn connect(uri: &Secret, name: &str) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(uri.expose(), props).await
+    let mut uri: lapin::uri::AMQPUri = uri
+        .expose()
+        .parse()
+        .map_err(|e: String| {
+            let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+            lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(invalid)))
+        })?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    Connection::connect_uri(uri, props).await
 }
 
 /// A channel in publisher-confirm mode.
