@@ -54,13 +54,10 @@ pub const FRAME_MAX: u32 = 16 * 1024;
 /// Connects; `name` shows in the RabbitMQ management UI. The URI holds the password: never log it.
 pub async fn connect(uri: &Secret, name: &str) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let mut uri: lapin::uri::AMQPUri = uri
-        .expose()
-        .parse()
-        .map_err(|e: String| {
-            let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
-            lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(invalid)))
-        })?;
+    let mut uri: lapin::uri::AMQPUri = uri.expose().parse().map_err(|e: String| {
+        let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(invalid)))
+    })?;
     uri.query.frame_max.get_or_insert(FRAME_MAX);
     Connection::connect_uri(uri, props).await
 }
