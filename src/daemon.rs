@@ -65,15 +65,20 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-/// Cancels `token` on the first SIGTERM or SIGINT.
+/// Cancels `token` on the first SIGTERM or SIGINT. SIGHUP, which would otherwise end the process,
+/// is logged and ignored: nothing is reloaded (restart the unit to apply a new config).
 pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = token.cancelled() => return,
+        let which = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => warn!("SIGHUP ignored: nothing is reloaded; restart the service to apply a new configuration."),
+                _ = token.cancelled() => return,
+            }
         };
         info!(message = "Shutting down.", signal = which);
         token.cancel();

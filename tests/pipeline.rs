@@ -354,3 +354,46 @@ async fn metrics_endpoint_serves_the_old_names_and_they_move() {
     consumer.await.unwrap().unwrap();
     server.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_consumers_starting_together_on_an_empty_schema_both_work() {
+    let names = Names::new("two-consumers");
+    names.create_schema().await;
+    let (a, token_a, run_a) = start_consumer(names.consumer_config());
+    let (b, token_b, run_b) = start_consumer(names.consumer_config());
+    wait_until(LIMIT, "both running (migrations serialised)", || async {
+        a.health.phase() == sistema_mensajes::health::Phase::Running
+            && b.health.phase() == sistema_mensajes::health::Phase::Running
+    })
+    .await;
+    let pg = pg_client(&pg_url()).await;
+    let applied: i64 = pg
+        .query_one(
+            &format!("SELECT count(*) FROM {}.schema_migrations", names.schema),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        applied,
+        sistema_mensajes::db::MIGRATIONS.len() as i64,
+        "each migration recorded once"
+    );
+    const N: u64 = 1000;
+    let summary = producer::run(
+        names.producer_config_via(&amqp_url()),
+        Mode::Count(N),
+        Default::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_all_confirmed(summary, N);
+    names.wait_rows(N, LIMIT).await;
+    assert_eq!(a.metrics.processed.get() + b.metrics.processed.get(), N);
+    token_a.cancel();
+    token_b.cancel();
+    run_a.await.unwrap().unwrap();
+    run_b.await.unwrap().unwrap();
+}

@@ -454,3 +454,49 @@ async fn journald_gets_native_entries_with_priority_and_fields() {
     eprintln!("journald entry: {warn}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_is_logged_and_ignored_sigterm_still_stops() {
+    let names = Names::new("sighup");
+    let mut child = Command::new(CONSUMER)
+        .envs(names.consumer_env())
+        .env(
+            "CONSUMER_POSTGRES__URL",
+            "postgres://postgres@127.0.0.1:1/postgres",
+        )
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    let mut read_until = async |needle: &str, seen: &mut String| {
+        tokio::time::timeout(LIMIT, async {
+            while !seen.contains(needle) {
+                let line = lines.next_line().await.unwrap().expect("stderr open");
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("expected {needle:?} on stderr, got:\n{seen}"));
+    };
+    read_until("Cannot reach a dependency", &mut seen).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    read_until("SIGHUP ignored", &mut seen).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not end the daemon"
+    );
+    sigterm(child.id());
+    let status = tokio::time::timeout(LIMIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{seen}");
+}
