@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use sistema_mensajes::consumer::{self, Deps};
-use sistema_mensajes::health::Phase;
 use sistema_mensajes::reading::{decode, RejectReason};
 use tokio_util::sync::CancellationToken;
 
@@ -63,10 +62,7 @@ async fn a_running_consumer_dead_letters_each_file_with_its_reason() {
         deps.clone(),
         token.clone(),
     ));
-    wait_until(Duration::from_secs(30), "consumer running", || async {
-        deps.health.phase() == Phase::Running
-    })
-    .await;
+    wait_running(&deps.health).await;
     let corpus = corpus();
     let client = Client::connect().await;
     let msgs: Vec<_> = corpus

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use sistema_mensajes::consumer::{self, Deps};
-use sistema_mensajes::health::Phase;
 use sistema_mensajes::producer::{self, Mode};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -138,10 +137,7 @@ async fn database_cut_off_keeps_messages_unacked_then_stores_them_all() {
         deps.clone(),
         token.clone(),
     ));
-    wait_until(LIMIT, "consumer running", || async {
-        deps.health.phase() == Phase::Running
-    })
-    .await;
+    wait_running(&deps.health).await;
 
     proxy.cut();
     const N: usize = 300;
@@ -183,10 +179,7 @@ async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
         cdeps.clone(),
         token.clone(),
     ));
-    wait_until(LIMIT, "consumer running", || async {
-        cdeps.health.phase() == Phase::Running
-    })
-    .await;
+    wait_running(&cdeps.health).await;
 
     const N: u64 = 20_000;
     let mut pcfg = names.producer_config_via(&via_proxy);

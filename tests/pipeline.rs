@@ -106,10 +106,7 @@ async fn the_same_message_twice_gives_one_row() {
     names.create_schema().await;
     let (deps, token, consumer) = start_consumer(names.consumer_config());
     let client = Client::connect().await;
-    wait_until(LIMIT, "topology declared", || async {
-        deps.health.phase() == sistema_mensajes::health::Phase::Running
-    })
-    .await;
+    wait_running(&deps.health).await;
     let id = Uuid::now_v7();
     let old = old_reading("STATION-009", 1.5);
     let msgs = vec![
@@ -138,10 +135,7 @@ async fn malformed_messages_are_dead_lettered_with_their_reason_and_block_nothin
     names.create_schema().await;
     let (deps, token, consumer) = start_consumer(names.consumer_config());
     let client = Client::connect().await;
-    wait_until(LIMIT, "consumer running", || async {
-        deps.health.phase() == sistema_mensajes::health::Phase::Running
-    })
-    .await;
+    wait_running(&deps.health).await;
 
     let bad: Vec<(Vec<u8>, &str)> = vec![
         (b"{\"station_id\": \"S\", ".to_vec(), "malformed_json"),
@@ -361,11 +355,9 @@ async fn two_consumers_starting_together_on_an_empty_schema_both_work() {
     names.create_schema().await;
     let (a, token_a, run_a) = start_consumer(names.consumer_config());
     let (b, token_b, run_b) = start_consumer(names.consumer_config());
-    wait_until(LIMIT, "both running (migrations serialised)", || async {
-        a.health.phase() == sistema_mensajes::health::Phase::Running
-            && b.health.phase() == sistema_mensajes::health::Phase::Running
-    })
-    .await;
+    // Both reach Running: the migrations were serialised, not fought over.
+    wait_running(&a.health).await;
+    wait_running(&b.health).await;
     let pg = pg_client(&pg_url()).await;
     let applied: i64 = pg
         .query_one(

@@ -58,6 +58,16 @@ where
     }
 }
 
+/// Waits until a consumer or producer started in-process is consuming (or publishing).
+pub async fn wait_running(health: &sistema_mensajes::health::Health) {
+    wait_until(
+        Duration::from_secs(30),
+        "the daemon to reach Running",
+        || async { health.phase() == sistema_mensajes::health::Phase::Running },
+    )
+    .await;
+}
+
 /// Runs async cleanup from `Drop`, on a runtime of its own.
 fn cleanup(fut: impl Future<Output = ()> + Send + 'static) {
     let _ = std::thread::spawn(move || {
