@@ -79,6 +79,8 @@ struct Batch {
     row_raw: Vec<Raw>,
     invalid: Vec<(Raw, Rejection)>,
     last_tag: u64,
+    /// Some delivery was delivered before, so its row may already be stored.
+    redelivered: bool,
 }
 
 impl Batch {
@@ -90,6 +92,7 @@ impl Batch {
             row_raw: Vec::with_capacity(capacity),
             invalid: Vec::new(),
             last_tag: 0,
+            redelivered: false,
         }
     }
 
@@ -353,11 +356,13 @@ fn add(batch: &mut Batch, delivery: Delivery, max_bytes: usize) {
         delivery_tag,
         exchange,
         routing_key,
+        redelivered,
         properties,
         data,
         ..
     } = delivery;
     batch.last_tag = delivery_tag;
+    batch.redelivered |= redelivered;
     let raw = Raw {
         data,
         properties,
@@ -395,7 +400,7 @@ impl Writer {
             self.health.work_started();
             let size = batch.len();
             let started = Instant::now();
-            let Some(rejected_rows) = self.store(&batch.rows).await else {
+            let Some(rejected_rows) = self.store(&batch.rows, batch.redelivered).await else {
                 warn!(
                     message =
                         "Shutting down with a batch not stored; the broker will redeliver it.",
@@ -457,14 +462,18 @@ impl Writer {
     /// Stores rows, retrying until it works. Returns the rows PostgreSQL refused, or `None` if
     /// shutdown came while PostgreSQL was unavailable. Every failed attempt counts in
     /// `postgres_insert_errors_total`, reconnects included.
-    async fn store(&mut self, rows: &[Reading]) -> Option<Vec<(usize, String)>> {
+    async fn store(
+        &mut self,
+        rows: &[Reading],
+        maybe_stored: bool,
+    ) -> Option<Vec<(usize, String)>> {
         if rows.is_empty() {
             return Some(Vec::new());
         }
         let mut delays = retry::delays(&self.cfg.retry);
         loop {
             self.health.work_started();
-            match self.try_store(rows).await {
+            match self.try_store(rows, maybe_stored).await {
                 Ok(stored) => {
                     let accepted = (rows.len() - stored.rejected.len()) as u64;
                     self.metrics
@@ -488,7 +497,7 @@ impl Writer {
         }
     }
 
-    async fn try_store(&mut self, rows: &[Reading]) -> Result<Stored, DbError> {
+    async fn try_store(&mut self, rows: &[Reading], maybe_stored: bool) -> Result<Stored, DbError> {
         let db = match self.db.take() {
             Some(db) if !db.is_closed() => db,
             _ => {
@@ -501,7 +510,7 @@ impl Writer {
                 db
             }
         };
-        let result = db.insert_isolating(rows).await;
+        let result = db.insert_isolating(rows, maybe_stored).await;
         self.db = Some(db);
         result
     }
