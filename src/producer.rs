@@ -325,14 +325,26 @@ impl Publisher {
                 break Ok(());
             }
             tokio::select! {
-                Some((n, confirmation)) = confirms.next() => {
-                    let Some((msg, sent)) = inflight.remove(&n) else { continue };
-                    match confirmation {
-                        Ok(c) => self.settle(msg, sent, c),
-                        Err(e) => {
-                            self.retry.push_back(msg);
-                            break Err(e);
+                Some(first) = confirms.next() => {
+                    // The broker confirms in runs (`multiple`): settle every one already in before
+                    // publishing again, rather than one per turn of the loop.
+                    let mut next = Some(first);
+                    let mut failed = None;
+                    while let Some((n, confirmation)) = next.take() {
+                        if let Some((msg, sent)) = inflight.remove(&n) {
+                            match confirmation {
+                                Ok(c) => self.settle(msg, sent, c),
+                                Err(e) => {
+                                    self.retry.push_back(msg);
+                                    failed = Some(e);
+                                    break;
+                                }
+                            }
                         }
+                        next = confirms.next().now_or_never().flatten();
+                    }
+                    if let Some(e) = failed {
+                        break Err(e);
                     }
                 }
                 _ = tick.tick() => {
