@@ -3,20 +3,28 @@
 //!
 //! `cargo bench --bench pipeline -- --n 100000 --reps 3 [--queue-type quorum] [--json PATH]`
 //!
-//! Per repetition:
-//! 1. broker ceiling: a bare lapin consumer drains a prefilled durable queue of N persistent
-//!    readings (same prefetch, acking every 500 with `multiple`), no database;
-//! 2. our consumer (the release binary) drains the same N readings into PostgreSQL, until
-//!    `messages_processed_total` = N (counted after commit and ack);
+//! Every message is a reading exactly as our producer makes it (same generator, same body, same
+//! AMQP properties), so ceilings and daemons move the same bytes. Per repetition, each ceiling is
+//! measured just before and just after our daemon, and the daemon is compared with their mean:
+//! 1. publishing: a bare lapin publisher (bodies built before its clock starts) and our producer
+//!    (`producer --count N`, the release binary) each publish N readings to a fresh queue, with
+//!    the same confirm window;
+//! 2. draining: a fresh queue is filled with the same N readings (untimed) before each drain; a
+//!    bare lapin consumer (same prefetch, acking every 500 with `multiple`, no database) is the
+//!    broker's ceiling; our consumer drains into PostgreSQL, timed from its start until the last
+//!    row is committed (`max(received_at)`), into a schema migrated beforehand, as on every start
+//!    but the first;
 //! 3. database ceiling: the same N rows loaded with COPY into the same table definition;
-//! 4. our producer (`producer --count N`) against a bare lapin publisher with the same confirm window;
-//! 5. end-to-end latency (measured_at → row written) at fixed rates: p50, p99, max;
-//! 6. peak resident memory (VmHWM, sampled from /proc while it runs) of each daemon.
+//!
+//! Before each timed phase the harness waits for the machine to go idle (the broker keeps writing
+//! a queue to disk after the last confirm). Then end-to-end latency (measured_at → row written) at fixed rates: p50, p99, max. Peak resident
+//! memory (VmHWM, sampled from /proc) of each daemon, and CPU time of the broker, PostgreSQL, the
+//! daemons and the harness in each phase, come with the figures.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // A benchmark run fails loudly.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 use futures_util::StreamExt;
@@ -25,7 +33,7 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 use tokio_postgres::NoTls;
 
@@ -110,6 +118,7 @@ fn queue_args(queue_type: &str) -> FieldTable {
     args
 }
 
+/// The exchange, the queue and its binding.
 async fn declare(ch: &lapin::Channel, names: &Names, queue_type: &str) {
     ch.exchange_declare(
         names.exchange().into(),
@@ -153,33 +162,38 @@ async fn cleanup(conn: &Connection, pg: &tokio_postgres::Client, names: &Names) 
         .await;
 }
 
-fn body(i: usize) -> Vec<u8> {
-    format!(
-        r#"{{"station_id":"STATION-{:03}","temperature":{:.2},"humidity":55.5,"pressure":1013.25,"message_id":"{}","measured_at":"{}"}}"#,
-        i % 50 + 1,
-        15.0 + (i % 100) as f64 / 10.0,
-        uuid::Uuid::now_v7(),
-        time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap()
-    )
-    .into_bytes()
+/// N readings exactly as our producer makes them: (message id, body).
+fn readings(n: usize) -> Vec<(String, Vec<u8>)> {
+    let stations = sistema_mensajes::config::ProducerConfig::default()
+        .simulation
+        .stations;
+    let mut stations = sistema_mensajes::station::Stations::new(stations);
+    (0..n)
+        .map(|_| {
+            let (id, body) = stations.sample();
+            (id.to_string(), body)
+        })
+        .collect()
 }
 
-/// The bare publisher: N persistent readings with at most `window` unconfirmed. Returns readings/s.
-async fn bare_publish(conn: &Connection, names: &Names, n: usize, window: usize) -> f64 {
+/// The bare publisher: the readings, persistent, with our producer's properties and at most
+/// `window` unconfirmed. Returns readings/s.
+async fn bare_publish(
+    conn: &Connection,
+    names: &Names,
+    readings: &[(String, Vec<u8>)],
+    window: usize,
+) -> f64 {
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let bodies: Vec<Vec<u8>> = (0..n).map(body).collect();
     let started = Instant::now();
     let mut pending = futures_util::stream::FuturesUnordered::<lapin::PublisherConfirm>::new();
-    for b in &bodies {
+    for (id, body) in readings {
         if pending.len() >= window {
             assert!(pending.next().await.unwrap().unwrap().is_ack());
         }
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
         let confirm = ch
             .basic_publish(
                 names.exchange().into(),
@@ -188,8 +202,8 @@ async fn bare_publish(conn: &Connection, names: &Names, n: usize, window: usize)
                     mandatory: true,
                     ..Default::default()
                 },
-                b,
-                props,
+                body,
+                sistema_mensajes::amqp::reading_properties(id),
             )
             .await
             .unwrap();
@@ -198,7 +212,9 @@ async fn bare_publish(conn: &Connection, names: &Names, n: usize, window: usize)
     while let Some(c) = pending.next().await {
         assert!(c.unwrap().is_ack());
     }
-    n as f64 / started.elapsed().as_secs_f64()
+    let rate = readings.len() as f64 / started.elapsed().as_secs_f64();
+    ch.close(200, "".into()).await.unwrap();
+    rate
 }
 
 /// The broker's ceiling: a bare consumer drains the queue, acking every 500. Returns readings/s.
@@ -233,6 +249,105 @@ async fn bare_drain(amqp: &str, names: &Names, n: usize, prefetch: u16) -> f64 {
     let rate = n as f64 / started.elapsed().as_secs_f64();
     conn.close(200, "".into()).await.unwrap();
     rate
+}
+
+/// CPU seconds used so far by each process of interest, and by the whole machine.
+///
+/// PostgreSQL counts all its processes, and through the postmaster's `cutime` also backends that
+/// have exited; the broker is `beam.smp`.
+const PROCESSES: [&str; 5] = ["broker", "postgres", "consumer", "producer", "bench"];
+const PHASES: [(&str, &str); 4] = [
+    ("bare_drain", "broker ceiling: bare drain"),
+    ("consumer_drain", "our consumer drain"),
+    ("bare_publish", "bare publisher"),
+    ("producer", "our producer"),
+];
+
+#[derive(Clone, Default)]
+struct Cpu {
+    by_process: BTreeMap<&'static str, f64>,
+    machine_busy: f64,
+    machine_total: f64,
+}
+
+impl Cpu {
+    fn now() -> Self {
+        use procfs::CurrentSI;
+        let tps = procfs::ticks_per_second() as f64;
+        let me = std::process::id() as i32;
+        let mut by_process = BTreeMap::new();
+        for p in procfs::process::all_processes().unwrap().flatten() {
+            let Ok(st) = p.stat() else { continue };
+            let name = match st.comm.as_str() {
+                "beam.smp" => "broker",
+                "postgres" => "postgres",
+                "consumer" => "consumer",
+                "producer" => "producer",
+                // Its reaped children: only the producer exits inside a measured phase.
+                _ if st.pid == me => {
+                    let children = (st.cutime + st.cstime).max(0) as f64 / tps;
+                    *by_process.entry("producer").or_default() += children;
+                    *by_process.entry("bench").or_default() += (st.utime + st.stime) as f64 / tps;
+                    continue;
+                }
+                _ => continue,
+            };
+            let ticks = st.utime + st.stime + (st.cutime + st.cstime).max(0) as u64;
+            *by_process.entry(name).or_default() += ticks as f64 / tps;
+        }
+        let total = procfs::KernelStats::current().unwrap().total;
+        let idle = total.idle + total.iowait.unwrap_or(0);
+        let all = total.user
+            + total.nice
+            + total.system
+            + idle
+            + total.irq.unwrap_or(0)
+            + total.softirq.unwrap_or(0)
+            + total.steal.unwrap_or(0);
+        Self {
+            by_process,
+            machine_busy: (all - idle) as f64 / tps,
+            machine_total: all as f64 / tps,
+        }
+    }
+
+    /// CPU seconds since `earlier`; `machine_busy` as a fraction of the machine's capacity.
+    fn since(&self, earlier: &Cpu) -> Cpu {
+        let mut by_process = self.by_process.clone();
+        for (k, v) in by_process.iter_mut() {
+            *v -= earlier.by_process.get(k).copied().unwrap_or(0.0);
+        }
+        Cpu {
+            by_process,
+            machine_busy: self.machine_busy - earlier.machine_busy,
+            machine_total: self.machine_total - earlier.machine_total,
+        }
+    }
+
+    fn get(&self, k: &str) -> f64 {
+        self.by_process.get(k).copied().unwrap_or(0.0)
+    }
+
+    fn busy_fraction(&self) -> f64 {
+        self.machine_busy / self.machine_total
+    }
+}
+
+/// Waits (up to 30 s) until the machine has been mostly idle for 250 ms, so that a phase does not
+/// pay for the broker's or the database's background work left over from the one before (a fresh
+/// queue is still being written to disk after its last confirm).
+fn quiesce() {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut before = Cpu::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = Cpu::now();
+        if now.since(&before).busy_fraction() < 0.15 {
+            return;
+        }
+        before = now;
+    }
+    eprintln!("the machine did not become idle within 30 s; measuring anyway");
 }
 
 /// VmHWM (peak resident memory) of a running process, in bytes.
@@ -332,9 +447,9 @@ fn processed(port: u16) -> Option<u64> {
 }
 
 /// Starts our consumer; returns the child and its metrics port once /metrics answers.
-fn start_consumer(args: &Args, names: &Names) -> (std::process::Child, u16, Instant) {
+fn start_consumer(args: &Args, names: &Names) -> (std::process::Child, u16, SystemTime) {
     let port = free_port();
-    let started = Instant::now();
+    let started = SystemTime::now();
     let child = Command::new(CONSUMER)
         .envs(daemon_env(args, names))
         .env("CONSUMER_METRICS__LISTEN", format!("127.0.0.1:{port}"))
@@ -365,8 +480,38 @@ fn stop(child: std::process::Child) -> u64 {
     rss
 }
 
+/// Applies our migrations to the consumer's schema, as its first start would.
+async fn migrate(args: &Args, names: &Names) {
+    let cfg = sistema_mensajes::config::PostgresConfig {
+        url: args.pg.parse().unwrap(),
+        schema: names.schema().to_owned().try_into().unwrap(),
+        ..Default::default()
+    };
+    sistema_mensajes::db::Db::connect(&cfg, None).await.unwrap();
+}
+
+/// When the first and the last row were written (their `received_at`).
+async fn commits(pg: &tokio_postgres::Client, names: &Names) -> (SystemTime, SystemTime) {
+    let row = pg
+        .query_one(
+            &format!(
+                "SELECT extract(epoch FROM min(received_at))::float8, extract(epoch FROM max(received_at))::float8 FROM {}.weather_logs",
+                names.schema()
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let at = |i: usize| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(row.get(i));
+    (at(0), at(1))
+}
+
 /// COPY of N rows into the same table definition. Returns rows/s.
-async fn copy_ceiling(pg: &tokio_postgres::Client, names: &Names, n: usize) -> f64 {
+async fn copy_ceiling(
+    pg: &tokio_postgres::Client,
+    names: &Names,
+    readings: &[(String, Vec<u8>)],
+) -> f64 {
     use futures_util::SinkExt;
     let migration = sistema_mensajes::db::MIGRATIONS[0].1;
     pg.batch_execute(&format!(
@@ -375,16 +520,17 @@ async fn copy_ceiling(pg: &tokio_postgres::Client, names: &Names, n: usize) -> f
     ))
     .await
     .unwrap();
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
-    let mut csv = String::with_capacity(n * 90);
-    for i in 0..n {
+    let mut csv = String::with_capacity(readings.len() * 120);
+    for (_, body) in readings {
+        let r = sistema_mensajes::reading::decode(body, None, usize::MAX).unwrap();
+        let measured = r
+            .measured_at
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
         csv.push_str(&format!(
-            "{},STATION-{:03},{:.2},55.5,1013.25,{now}\n",
-            uuid::Uuid::now_v7(),
-            i % 50 + 1,
-            15.0 + (i % 100) as f64 / 10.0
+            "{},{},{},{},{},{measured}\n",
+            r.message_id, r.station_id, r.temperature, r.humidity, r.pressure
         ));
     }
     let started = Instant::now();
@@ -395,15 +541,31 @@ async fn copy_ceiling(pg: &tokio_postgres::Client, names: &Names, n: usize) -> f
     futures_util::pin_mut!(sink);
     sink.send(bytes::Bytes::from(csv)).await.unwrap();
     sink.finish().await.unwrap();
-    n as f64 / started.elapsed().as_secs_f64()
+    readings.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
 }
 
 #[derive(Default)]
-struct Series(BTreeMap<&'static str, Vec<f64>>);
+struct Series(BTreeMap<String, Vec<f64>>);
 
 impl Series {
-    fn push(&mut self, k: &'static str, v: f64) {
-        self.0.entry(k).or_default().push(v);
+    fn push(&mut self, k: impl Into<String>, v: f64) {
+        self.0.entry(k.into()).or_default().push(v);
+    }
+
+    /// CPU of one phase: milliseconds per 1,000 readings for each process, and how busy the
+    /// machine was (a fraction of all its cores).
+    fn phase_cpu(&mut self, phase: &str, before: Cpu, n: usize) -> Cpu {
+        let now = Cpu::now();
+        let cpu = now.since(&before);
+        for k in PROCESSES {
+            self.push(format!("cpu_{phase}_{k}"), cpu.get(k) * 1e6 / n as f64);
+        }
+        self.push(format!("cpu_{phase}_machine_busy"), cpu.busy_fraction());
+        now
     }
     fn stats(&self, k: &str) -> (f64, f64, f64) {
         let mut v = self.0.get(k).cloned().unwrap_or_default();
@@ -430,19 +592,61 @@ async fn main() {
         args.reps, args.queue_type, args.window, args.prefetch
     );
     for rep in 1..=args.reps {
-        let names = Names::new("drain");
+        let readings = readings(n);
+        // Publishing: bare, ours, bare again, each to a queue of its own; the ceiling is the mean
+        // of the two bare runs around ours, so drift during the repetition cancels out.
         let ch = amqp.create_channel().await.unwrap();
-        declare(&ch, &names, &args.queue_type).await;
-        let bare_pub = bare_publish(&amqp, &names, n, args.window).await;
-        let broker = bare_drain(&args.amqp, &names, n, args.prefetch).await;
-        let (our_pub, producer_rss) = our_publish(&args, &names, n, None);
-        let (child, port, started) = start_consumer(&args, &names);
-        wait_processed(port, n as u64, Duration::from_secs(600));
-        let ours = n as f64 / started.elapsed().as_secs_f64();
-        let consumer_rss = stop(child);
-        cleanup(&amqp, &pg, &names).await;
+        let mut bare_pub = Vec::new();
+        let (mut our_pub, mut producer_rss) = (0.0, 0);
+        for ours in [false, true, false] {
+            let names = Names::new("publish");
+            declare(&ch, &names, &args.queue_type).await;
+            quiesce();
+            let cpu = Cpu::now();
+            if ours {
+                (our_pub, producer_rss) = our_publish(&args, &names, n, None);
+                s.phase_cpu("producer", cpu, n);
+            } else {
+                bare_pub.push(bare_publish(&amqp, &names, &readings, args.window).await);
+                s.phase_cpu("bare_publish", cpu, n);
+            }
+            cleanup(&amqp, &pg, &names).await;
+        }
+        let bare_pub = mean(&bare_pub);
+
+        // Draining: bare, ours, bare again, each from a queue just filled with the same readings.
+        let mut broker = Vec::new();
+        let (mut ours_rate, mut consumer_rss) = (0.0, 0);
+        for ours in [false, true, false] {
+            let names = Names::new("drain");
+            declare(&ch, &names, &args.queue_type).await;
+            bare_publish(&amqp, &names, &readings, args.window).await;
+            migrate(&args, &names).await;
+            quiesce();
+            let cpu = Cpu::now();
+            if ours {
+                let (child, port, started) = start_consumer(&args, &names);
+                wait_processed(port, n as u64, Duration::from_secs(600));
+                s.phase_cpu("consumer_drain", cpu, n);
+                let (first_commit, last_commit) = commits(&pg, &names).await;
+                let elapsed = last_commit.duration_since(started).unwrap();
+                s.push(
+                    "consumer_first_commit_ms",
+                    first_commit.duration_since(started).unwrap().as_secs_f64() * 1e3,
+                );
+                ours_rate = n as f64 / elapsed.as_secs_f64();
+                consumer_rss = stop(child);
+            } else {
+                broker.push(bare_drain(&args.amqp, &names, n, args.prefetch).await);
+                s.phase_cpu("bare_drain", cpu, n);
+            }
+            cleanup(&amqp, &pg, &names).await;
+        }
+        let broker = mean(&broker);
+        let ours = ours_rate;
+
         let names = Names::new("copy");
-        let copy = copy_ceiling(&pg, &names, n).await;
+        let copy = copy_ceiling(&pg, &names, &readings).await;
         cleanup(&amqp, &pg, &names).await;
         for (k, v) in [
             ("broker_drain_per_s", broker),
@@ -508,6 +712,11 @@ async fn main() {
         ("copy_per_s", "COPY ceiling (rows/s)", ""),
         ("bare_publish_per_s", "bare publisher (readings/s)", ""),
         ("producer_publish_per_s", "producer (readings/s)", ""),
+        (
+            "consumer_first_commit_ms",
+            "consumer start → first row written (ms)",
+            "",
+        ),
         ("consumer_peak_rss_mib", "consumer peak RSS (MiB)", "≤ 20"),
         ("producer_peak_rss_mib", "producer peak RSS (MiB)", "≤ 12"),
     ];
@@ -555,6 +764,24 @@ async fn main() {
             l["max_ms"].as_f64().unwrap()
         );
     }
+    println!("\n| CPU ms per 1,000 readings (median) | broker | postgres | consumer | producer | harness | machine busy |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut cpu = serde_json::Map::new();
+    for (phase, label) in PHASES {
+        let med = |k: &str| s.stats(&format!("cpu_{phase}_{k}")).1;
+        let cells: Vec<String> = PROCESSES.iter().map(|k| format!("{:.0}", med(k))).collect();
+        println!(
+            "| {label} | {} | {:.0} % |",
+            cells.join(" | "),
+            med("machine_busy") * 100.0
+        );
+        let mut row: serde_json::Map<String, serde_json::Value> = PROCESSES
+            .iter()
+            .map(|k| (k.to_string(), json!(med(k))))
+            .collect();
+        row.insert("machine_busy".into(), json!(med("machine_busy")));
+        cpu.insert(phase.to_owned(), row.into());
+    }
     let machine = format!(
         "{} cores, {}",
         std::thread::available_parallelism()
@@ -572,7 +799,7 @@ async fn main() {
             )
             .unwrap_or_default()
     );
-    let out = json!({"n": n, "reps": args.reps, "queue_type": args.queue_type, "window": args.window, "prefetch": args.prefetch, "machine": machine, "figures": figures, "latency": latency});
+    let out = json!({"n": n, "reps": args.reps, "queue_type": args.queue_type, "window": args.window, "prefetch": args.prefetch, "machine": machine, "figures": figures, "latency": latency, "cpu_ms_per_1000": cpu});
     if let Some(dir) = std::path::Path::new(&args.json).parent() {
         std::fs::create_dir_all(dir).unwrap();
     }
