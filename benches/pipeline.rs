@@ -5,7 +5,8 @@
 //!
 //! Every message is a reading exactly as our producer makes it (same generator, same body, same
 //! AMQP properties), so ceilings and daemons move the same bytes. Per repetition, each ceiling is
-//! measured just before and just after our daemon, and the daemon is compared with their mean:
+//! measured just before and just after our daemon, and the daemon is compared with their mean.
+//! Ceilings run on a thread of their own with a single-threaded tokio runtime, like the daemons.
 //! 1. publishing: a bare lapin publisher (bodies built before its clock starts) and our producer
 //!    (`producer --count N`, the release binary) each publish N readings to a fresh queue, with
 //!    the same confirm window;
@@ -24,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
@@ -83,6 +85,7 @@ struct Args {
     bench: bool,
 }
 
+#[derive(Clone)]
 struct Names {
     base: String,
 }
@@ -179,18 +182,21 @@ fn readings(n: usize) -> Vec<(String, Vec<u8>)> {
 /// The bare publisher: the readings, persistent, with our producer's properties and at most
 /// `window` unconfirmed. Returns readings/s.
 async fn bare_publish(
-    conn: &Connection,
-    names: &Names,
-    readings: &[(String, Vec<u8>)],
+    amqp: String,
+    names: Names,
+    readings: Arc<Vec<(String, Vec<u8>)>>,
     window: usize,
 ) -> f64 {
+    let conn = Connection::connect(&amqp, ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
     let started = Instant::now();
     let mut pending = futures_util::stream::FuturesUnordered::<lapin::PublisherConfirm>::new();
-    for (id, body) in readings {
+    for (id, body) in readings.iter() {
         if pending.len() >= window {
             assert!(pending.next().await.unwrap().unwrap().is_ack());
         }
@@ -213,14 +219,28 @@ async fn bare_publish(
         assert!(c.unwrap().is_ack());
     }
     let rate = readings.len() as f64 / started.elapsed().as_secs_f64();
-    ch.close(200, "".into()).await.unwrap();
+    conn.close(200, "".into()).await.unwrap();
     rate
 }
 
+/// Runs a ceiling on a thread of its own with a single-threaded runtime, as our daemons run, so
+/// that the ceilings do not pay for the harness's multi-threaded runtime.
+fn alone<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+    .join()
+    .unwrap()
+}
+
 /// The broker's ceiling: a bare consumer drains the queue, acking every 500. Returns readings/s.
-async fn bare_drain(amqp: &str, names: &Names, n: usize, prefetch: u16) -> f64 {
+async fn bare_drain(amqp: String, names: Names, n: usize, prefetch: u16) -> f64 {
     let started = Instant::now();
-    let conn = Connection::connect(amqp, ConnectionProperties::default())
+    let conn = Connection::connect(&amqp, ConnectionProperties::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -558,14 +578,15 @@ impl Series {
 
     /// CPU of one phase: milliseconds per 1,000 readings for each process, and how busy the
     /// machine was (a fraction of all its cores).
-    fn phase_cpu(&mut self, phase: &str, before: Cpu, n: usize) -> Cpu {
-        let now = Cpu::now();
-        let cpu = now.since(&before);
+    /// Returns the CPU milliseconds per 1,000 readings of all the processes together.
+    fn phase_cpu(&mut self, phase: &str, before: Cpu, n: usize) -> f64 {
+        let cpu = Cpu::now().since(&before);
+        let per_1000 = |seconds: f64| seconds * 1e6 / n as f64;
         for k in PROCESSES {
-            self.push(format!("cpu_{phase}_{k}"), cpu.get(k) * 1e6 / n as f64);
+            self.push(format!("cpu_{phase}_{k}"), per_1000(cpu.get(k)));
         }
         self.push(format!("cpu_{phase}_machine_busy"), cpu.busy_fraction());
-        now
+        per_1000(cpu.by_process.values().sum())
     }
     fn stats(&self, k: &str) -> (f64, f64, f64) {
         let mut v = self.0.get(k).cloned().unwrap_or_default();
@@ -592,12 +613,13 @@ async fn main() {
         args.reps, args.queue_type, args.window, args.prefetch
     );
     for rep in 1..=args.reps {
-        let readings = readings(n);
+        let readings = Arc::new(readings(n));
         // Publishing: bare, ours, bare again, each to a queue of its own; the ceiling is the mean
         // of the two bare runs around ours, so drift during the repetition cancels out.
         let ch = amqp.create_channel().await.unwrap();
         let mut bare_pub = Vec::new();
         let (mut our_pub, mut producer_rss) = (0.0, 0);
+        let (mut bare_cpu, mut our_cpu) = (Vec::new(), 0.0);
         for ours in [false, true, false] {
             let names = Names::new("publish");
             declare(&ch, &names, &args.queue_type).await;
@@ -605,29 +627,41 @@ async fn main() {
             let cpu = Cpu::now();
             if ours {
                 (our_pub, producer_rss) = our_publish(&args, &names, n, None);
-                s.phase_cpu("producer", cpu, n);
+                our_cpu = s.phase_cpu("producer", cpu, n);
             } else {
-                bare_pub.push(bare_publish(&amqp, &names, &readings, args.window).await);
-                s.phase_cpu("bare_publish", cpu, n);
+                bare_pub.push(alone(bare_publish(
+                    args.amqp.clone(),
+                    names.clone(),
+                    readings.clone(),
+                    args.window,
+                )));
+                bare_cpu.push(s.phase_cpu("bare_publish", cpu, n));
             }
             cleanup(&amqp, &pg, &names).await;
         }
         let bare_pub = mean(&bare_pub);
+        s.push("producer_cpu_ratio", mean(&bare_cpu) / our_cpu);
 
         // Draining: bare, ours, bare again, each from a queue just filled with the same readings.
         let mut broker = Vec::new();
         let (mut ours_rate, mut consumer_rss) = (0.0, 0);
+        let (mut bare_cpu, mut our_cpu) = (Vec::new(), 0.0);
         for ours in [false, true, false] {
             let names = Names::new("drain");
             declare(&ch, &names, &args.queue_type).await;
-            bare_publish(&amqp, &names, &readings, args.window).await;
+            alone(bare_publish(
+                args.amqp.clone(),
+                names.clone(),
+                readings.clone(),
+                args.window,
+            ));
             migrate(&args, &names).await;
             quiesce();
             let cpu = Cpu::now();
             if ours {
                 let (child, port, started) = start_consumer(&args, &names);
                 wait_processed(port, n as u64, Duration::from_secs(600));
-                s.phase_cpu("consumer_drain", cpu, n);
+                our_cpu = s.phase_cpu("consumer_drain", cpu, n);
                 let (first_commit, last_commit) = commits(&pg, &names).await;
                 let elapsed = last_commit.duration_since(started).unwrap();
                 s.push(
@@ -637,12 +671,18 @@ async fn main() {
                 ours_rate = n as f64 / elapsed.as_secs_f64();
                 consumer_rss = stop(child);
             } else {
-                broker.push(bare_drain(&args.amqp, &names, n, args.prefetch).await);
-                s.phase_cpu("bare_drain", cpu, n);
+                broker.push(alone(bare_drain(
+                    args.amqp.clone(),
+                    names.clone(),
+                    n,
+                    args.prefetch,
+                )));
+                bare_cpu.push(s.phase_cpu("bare_drain", cpu, n));
             }
             cleanup(&amqp, &pg, &names).await;
         }
         let broker = mean(&broker);
+        s.push("consumer_cpu_ratio", mean(&bare_cpu) / our_cpu);
         let ours = ours_rate;
 
         let names = Names::new("copy");
@@ -701,6 +741,16 @@ async fn main() {
             "producer_vs_bare",
             "producer / bare lapin publisher",
             "≥ 0.90",
+        ),
+        (
+            "consumer_cpu_ratio",
+            "CPU per reading, all processes: broker drain ceiling / consumer drain",
+            "",
+        ),
+        (
+            "producer_cpu_ratio",
+            "CPU per reading, all processes: bare publisher / producer",
+            "",
         ),
         ("consumer_vs_copy", "consumer drain / COPY", ""),
         (
