@@ -416,7 +416,7 @@ fn daemon_env(args: &Args, names: &Names) -> Vec<(String, String)> {
         ));
         v.push((format!("{p}_AMQP__QUEUE_TYPE"), args.queue_type.clone()));
         v.push((format!("{p}_AMQP__PREFETCH"), args.prefetch.to_string()));
-        v.push((format!("{p}_LOG__LEVEL"), "warn".into()));
+        v.push((format!("{p}_LOG__LEVEL"), "warn,lapin::channels=off".into()));
     }
     v.push(("CONSUMER_POSTGRES__URL".into(), args.pg.clone()));
     v.push((
