@@ -32,9 +32,9 @@ use clap::Parser;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 use tokio_postgres::NoTls;
@@ -110,46 +110,18 @@ impl Names {
     }
 }
 
-fn queue_args(queue_type: &str) -> FieldTable {
-    let mut args = FieldTable::default();
-    if queue_type == "quorum" {
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-    }
-    args
-}
-
-/// The exchange, the queue and its binding.
+/// The exchange, the queue and its binding, declared exactly as our daemons declare them.
 async fn declare(ch: &lapin::Channel, names: &Names, queue_type: &str) {
-    ch.exchange_declare(
-        names.exchange().into(),
-        lapin::ExchangeKind::Direct,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        names.queue().into(),
-        QueueDeclareOptions::durable(),
-        queue_args(queue_type),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        names.queue().into(),
-        names.exchange().into(),
-        names.key().into(),
-        Default::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let cfg = sistema_mensajes::config::AmqpConfig {
+        exchange: names.exchange().try_into().unwrap(),
+        queue: names.queue().try_into().unwrap(),
+        routing_key: names.key().try_into().unwrap(),
+        queue_type: serde_json::from_value(json!(queue_type)).unwrap(),
+        ..Default::default()
+    };
+    sistema_mensajes::amqp::declare_topology(ch, &cfg, false)
+        .await
+        .unwrap();
 }
 
 async fn cleanup(conn: &Connection, pg: &tokio_postgres::Client, names: &Names) {

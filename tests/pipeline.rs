@@ -34,15 +34,7 @@ async fn n_readings_in_give_n_rows_out_and_an_empty_queue() {
     names.create_schema().await;
     let (deps, token, consumer) = start_consumer(names.consumer_config());
     const N: u64 = 3000;
-    let summary = producer::run(
-        names.producer_config_via(&amqp_url()),
-        Mode::Count(N),
-        Default::default(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    assert_all_confirmed(summary, N);
+    produce_confirmed(&names, N).await;
     names.wait_rows(N, LIMIT).await;
     let client = Client::connect().await;
     wait_until(LIMIT, "queue empty and acked", || async {
@@ -373,17 +365,13 @@ async fn two_consumers_starting_together_on_an_empty_schema_both_work() {
         "each migration recorded once"
     );
     const N: u64 = 1000;
-    let summary = producer::run(
-        names.producer_config_via(&amqp_url()),
-        Mode::Count(N),
-        Default::default(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    assert_all_confirmed(summary, N);
+    produce_confirmed(&names, N).await;
     names.wait_rows(N, LIMIT).await;
-    assert_eq!(a.metrics.processed.get() + b.metrics.processed.get(), N);
+    // A row is visible at its commit; `processed` counts it only after the ack that follows.
+    wait_until(LIMIT, "both consumers together counted N", || async {
+        a.metrics.processed.get() + b.metrics.processed.get() == N
+    })
+    .await;
     token_a.cancel();
     token_b.cancel();
     run_a.await.unwrap().unwrap();

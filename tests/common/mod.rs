@@ -530,6 +530,19 @@ pub fn sigterm(pid: Option<u32>) {
 }
 
 /// The producer confirmed all `n` readings and holds none back.
+/// Publishes `n` simulated readings through the producer and checks that all were confirmed.
+pub async fn produce_confirmed(names: &Names, n: u64) {
+    let summary = sistema_mensajes::producer::run(
+        names.producer_config_via(&amqp_url()),
+        sistema_mensajes::producer::Mode::Count(n),
+        Default::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_all_confirmed(summary, n);
+}
+
 pub fn assert_all_confirmed(summary: sistema_mensajes::producer::Summary, n: u64) {
     assert_eq!(
         summary,
