@@ -119,28 +119,34 @@ pub async fn declare_topology(
     )
     .await?;
     if dead_letter {
-        ch.exchange_declare(
-            cfg.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable_exchange(),
-            FieldTable::default(),
-        )
-        .await?;
-        ch.queue_declare(
-            cfg.dead_letter_queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await?;
-        ch.queue_bind(
-            cfg.dead_letter_queue.as_str().into(),
-            cfg.dead_letter_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+        declare_dead_letter(ch, cfg).await?;
     }
+    Ok(())
+}
+
+/// Declares, idempotently, the fanout dead-letter exchange and its queue, bound together.
+pub async fn declare_dead_letter(ch: &Channel, cfg: &AmqpConfig) -> lapin::Result<()> {
+    ch.exchange_declare(
+        cfg.dead_letter_exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        cfg.dead_letter_queue.as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        cfg.dead_letter_queue.as_str().into(),
+        cfg.dead_letter_exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -177,8 +177,28 @@ impl Default for PostgresConfig {
             password_file: None,
             schema: Identifier("public".into()),
             connect_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(30),
+            statement_timeout: Duration::from_secs(20),
         }
+    }
+}
+
+impl PostgresConfig {
+    /// How much longer than the server's `statement_timeout` the client waits for an answer
+    /// before it gives the connection up as dead: a tenth of it, between 100 ms and 2 s.
+    pub fn statement_slack(&self) -> Duration {
+        (self.statement_timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(2))
+    }
+
+    /// Client-side bound on one statement: `statement_timeout` plus its slack, so a connection
+    /// that went silent (no RST, no answer) fails instead of hanging.
+    pub fn statement_limit(&self) -> Duration {
+        self.statement_timeout + self.statement_slack()
+    }
+
+    /// The longest one attempt at storing a batch can go without progress: connecting (and
+    /// migrating), or one statement. It must stay below the systemd watchdog.
+    pub fn attempt_limit(&self) -> Duration {
+        self.connect_timeout + self.statement_limit()
     }
 }
 
@@ -460,6 +480,23 @@ impl DaemonConfig for ConsumerConfig {
                 "validation.max_message_bytes",
                 "must be at least 1",
             ));
+        }
+        // Under systemd, the watchdog must outlast any single attempt of the writer, or systemd
+        // would kill a consumer whose own timeout was about to recover it.
+        if let Some(watchdog) = sd_notify::watchdog_enabled() {
+            let attempt = self.postgres.attempt_limit();
+            if attempt >= watchdog {
+                return Err(invalid(
+                    "postgres.statement_timeout",
+                    format!(
+                        "{}s plus postgres.connect_timeout ({}s) and {}s of slack must stay below the systemd watchdog (WatchdogSec={}s); lower them or raise WatchdogSec",
+                        self.postgres.statement_timeout.as_secs_f64(),
+                        self.postgres.connect_timeout.as_secs_f64(),
+                        self.postgres.statement_slack().as_secs_f64(),
+                        watchdog.as_secs_f64()
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -54,7 +54,32 @@ pub fn setup<C: DaemonConfig>(args: &CommonArgs, name: &str) -> Result<C, ExitCo
     Ok(cfg)
 }
 
-/// A multi-threaded runtime with two workers: enough for the pipeline, small in memory.
+/// What a daemon's pipeline shares with its binary: its metrics and its health.
+pub struct Deps<M> {
+    pub metrics: std::sync::Arc<M>,
+    pub health: std::sync::Arc<crate::health::Health>,
+}
+
+impl<M: Default> Default for Deps<M> {
+    fn default() -> Self {
+        Self {
+            metrics: Default::default(),
+            health: Default::default(),
+        }
+    }
+}
+
+impl<M> Clone for Deps<M> {
+    fn clone(&self) -> Self {
+        Self {
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+        }
+    }
+}
+
+/// A single-threaded runtime: the pipeline is I/O-bound, and one thread keeps memory small
+/// (lapin runs its own I/O thread beside it).
 pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

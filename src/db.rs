@@ -1,6 +1,7 @@
 //! PostgreSQL: connect, apply `sql/` migrations, insert batches idempotently.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Statement};
@@ -16,8 +17,9 @@ pub const MIGRATIONS: &[(&str, &str)] = &[(
     include_str!("../sql/0001_weather_logs.sql"),
 )];
 
-/// Serialises concurrent migrations across consumers (any 64-bit constant unique to us).
-const MIGRATION_LOCK: i64 = 0x5349_5354_454d_4131;
+/// Serialises concurrent migrations of one schema across consumers: the advisory lock
+/// `(MIGRATION_LOCK, hashtext(schema))` (any 32-bit constant unique to us).
+pub const MIGRATION_LOCK: i32 = 0x5349_5354;
 
 /// Inserts a batch that should hold only new readings: a plain insert, the fast path.
 const INSERT_NEW: &str = "INSERT INTO weather_logs \
@@ -35,7 +37,7 @@ const INSERT_SKIPPING: &str = "INSERT INTO weather_logs \
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("{0}: no answer within {1:?}")]
-    Timeout(&'static str, std::time::Duration),
+    Timeout(&'static str, Duration),
     #[error("invalid postgres.url: {0}")]
     Config(#[source] tokio_postgres::Error),
     #[error("{context}: {}", describe(source))]
@@ -59,21 +61,51 @@ impl DbError {
         }
     }
 
-    /// Label for `postgres_insert_errors_total` and logs: a bounded set.
+    /// The `error_type` of logs (journal field `ERROR_TYPE`): a bounded set.
     pub fn error_type(&self) -> &'static str {
         match self {
             DbError::Config(_) => "config",
             DbError::Timeout(..) => "timeout",
-            DbError::Postgres { source, .. } => match source.code() {
+            DbError::Postgres { context, source } => match source.code() {
                 Some(c) if is_data_state(c) => "data_rejected",
                 Some(c) if c.code().starts_with("08") => "connection",
                 Some(&SqlState::QUERY_CANCELED) => "timeout",
                 Some(c) if c.code().starts_with("57") => "server_shutdown",
+                Some(c) if c.code().starts_with("28") => "authentication",
+                Some(&SqlState::INVALID_CATALOG_NAME) => "missing_database",
+                Some(&SqlState::INSUFFICIENT_PRIVILEGE) => "permission_denied",
+                Some(_) if context.contains("migration") || context.contains("schema") => {
+                    "migration_failed"
+                }
                 Some(_) => "query_failed",
-                None if source.is_closed() => "connection",
-                None => "io",
+                None => "connection",
             },
         }
+    }
+
+    /// PostgreSQL is away (down, restarting, unreachable, too slow): waiting is the cure. Any
+    /// other error (authentication, a missing database or privilege, a broken migration) is
+    /// retried too, since it may be fixed while we wait (NixOS creates roles after our unit
+    /// starts), but it is logged as an error and named in the status line.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self.error_type(),
+            "connection" | "timeout" | "server_shutdown"
+        )
+    }
+
+    /// What is wrong, for the status line: the cause first, then the error.
+    pub fn problem(&self) -> String {
+        let cause = match self.error_type() {
+            "authentication" => "PostgreSQL refused our credentials",
+            "missing_database" => "the database does not exist",
+            "permission_denied" => "missing privileges in PostgreSQL",
+            "migration_failed" => "a schema migration failed",
+            "config" => "postgres.url is invalid",
+            "data_rejected" | "query_failed" => "PostgreSQL refused the insert",
+            _ => "database unavailable",
+        };
+        format!("{cause}: {self}")
     }
 }
 
@@ -98,9 +130,8 @@ pub struct Db {
     client: Client,
     insert_new: Statement,
     insert_skipping: Statement,
-    /// Client-side bound on one insert: the server's statement_timeout plus slack, so a
-    /// connection that went silent (no RST, no answer) fails instead of hanging.
-    insert_timeout: std::time::Duration,
+    /// Client-side bound on one insert: [`PostgresConfig::statement_limit`].
+    insert_timeout: Duration,
 }
 
 /// Result of [`Db::insert_isolating`].
@@ -113,18 +144,31 @@ pub struct Stored {
 }
 
 impl Db {
-    /// Connects, applies pending migrations and prepares the insert.
+    /// Connects, applies pending migrations and prepares the insert, within
+    /// [`PostgresConfig::attempt_limit`] in all: a server that accepts the connection and then
+    /// goes silent fails the attempt instead of hanging it.
     pub async fn connect(cfg: &PostgresConfig, password: Option<&Secret>) -> Result<Self, DbError> {
+        let limit = cfg.attempt_limit();
+        match tokio::time::timeout(limit, Self::connect_unbounded(cfg, password)).await {
+            Ok(result) => result,
+            Err(_) => Err(DbError::Timeout("connect and migrate", limit)),
+        }
+    }
+
+    async fn connect_unbounded(
+        cfg: &PostgresConfig,
+        password: Option<&Secret>,
+    ) -> Result<Self, DbError> {
         let mut pg = tokio_postgres::Config::from_str(cfg.url.as_str()).map_err(DbError::Config)?;
         if let Some(p) = password {
             pg.password(p.expose());
         }
         pg.connect_timeout(cfg.connect_timeout)
-            .keepalives_idle(std::time::Duration::from_secs(30))
+            .keepalives_idle(Duration::from_secs(30))
             .application_name("sistema-mensajes consumer")
             .options(format!(
                 "-c search_path={} -c statement_timeout={}",
-                cfg.schema.as_str(),
+                quote_identifier(cfg.schema.as_str()),
                 cfg.statement_timeout.as_millis()
             ));
         let (mut client, connection) = pg.connect(NoTls).await.map_err(DbError::pg("connect"))?;
@@ -144,7 +188,7 @@ impl Db {
             .prepare(INSERT_SKIPPING)
             .await
             .map_err(DbError::pg("prepare insert"))?;
-        let insert_timeout = cfg.statement_timeout + std::time::Duration::from_secs(5);
+        let insert_timeout = cfg.statement_limit();
         Ok(Self {
             client,
             insert_new,
@@ -233,16 +277,20 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), DbError> {
         .transaction()
         .await
         .map_err(DbError::pg("begin migration"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(DbError::pg("lock migrations"))?;
-    // `schema` is an `Identifier`: lowercase letters, digits and `_` only, so it needs no quoting.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&MIGRATION_LOCK, &schema],
+    )
+    .await
+    .map_err(DbError::pg("lock migrations"))?;
+    // Quoted: `schema` is validated, but may still be a keyword (`user`).
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};
+        "CREATE SCHEMA IF NOT EXISTS {};
          CREATE TABLE IF NOT EXISTS schema_migrations (
              version    text        PRIMARY KEY,
              applied_at timestamptz NOT NULL DEFAULT now()
-         );"
+         );",
+        quote_identifier(schema)
     ))
     .await
     .map_err(DbError::pg("create schema_migrations"))?;
@@ -272,9 +320,20 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), DbError> {
     tx.commit().await.map_err(DbError::pg("commit migration"))
 }
 
+/// `name` as a quoted SQL identifier, so that no configured name is ever read as SQL.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_identifier("user"), "\"user\"");
+        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+    }
 
     #[test]
     fn every_sql_file_is_a_migration_in_order() {

@@ -4,7 +4,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::watch;
 
@@ -114,16 +116,17 @@ impl Health {
 mod tests {
     use super::*;
 
-    #[test]
-    fn stale_heartbeat_is_reported() {
+    #[tokio::test(start_paused = true)]
+    async fn stale_heartbeat_is_reported() {
+        let step = Duration::from_millis(30);
         let h = Health::new();
         h.beat();
-        std::thread::sleep(Duration::from_millis(30));
+        tokio::time::advance(step).await;
         assert!(h.stalled(Duration::from_millis(10)).is_some());
         h.beat();
         assert!(h.stalled(Duration::from_millis(10)).is_none());
         h.work_started();
-        std::thread::sleep(Duration::from_millis(30));
+        tokio::time::advance(step).await;
         h.beat();
         assert!(
             h.stalled(Duration::from_millis(10)).is_some(),

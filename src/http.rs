@@ -24,6 +24,16 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 /// How long open scrapes may take to finish once shutdown starts.
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// Connections served at once. A new connection beyond this closes the oldest one, so a flood
+/// of idle connections can hold neither file descriptors nor the next real scrape.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// How long a client may take to send a request's headers, on a new or a kept-alive connection.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a connection lives, however busy (Prometheus reconnects transparently).
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
 fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, render()),
@@ -43,6 +53,8 @@ fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
 pub async fn serve(listener: TcpListener, render: Render, token: CancellationToken) {
     let graceful = GracefulShutdown::new();
     let mut accept_backoff = Duration::from_millis(10);
+    // Oldest first; a connection's token is cancelled when it ends, or to evict it.
+    let mut open: std::collections::VecDeque<CancellationToken> = Default::default();
     loop {
         let stream = tokio::select! {
             _ = token.cancelled() => break,
@@ -60,6 +72,15 @@ pub async fn serve(listener: TcpListener, render: Render, token: CancellationTok
                 }
             },
         };
+        open.retain(|t| !t.is_cancelled());
+        if open.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = open.pop_front() {
+                debug!("Too many metrics connections; closing the oldest.");
+                oldest.cancel();
+            }
+        }
+        let done = CancellationToken::new();
+        open.push_back(done.clone());
         let render = render.clone();
         let service = service_fn(move |req| {
             let resp = respond(&req, &render);
@@ -67,12 +88,17 @@ pub async fn serve(listener: TcpListener, render: Render, token: CancellationTok
         });
         let conn = http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
+            .header_read_timeout(HEADER_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(message = "Metrics connection ended with an error.", error = %e);
+            let _done = done.clone().drop_guard();
+            tokio::select! {
+                result = conn => if let Err(e) = result {
+                    debug!(message = "Metrics connection ended with an error.", error = %e);
+                },
+                _ = done.cancelled() => {}
+                _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
             }
         });
     }

@@ -6,8 +6,19 @@
 //! * `config`: both daemons' configuration (defaults, TOML file, environment) and its validation.
 //! * `secret`: passwords from files or systemd credentials, redacted when printed.
 //! * `reading`: the JSON wire format and the validation of one message.
+//! * `station`: the producer's simulated stations.
+//! * `amqp`: connecting to RabbitMQ, the topology both daemons declare, dead-letter properties.
+//! * `db`: PostgreSQL: connect, migrate, insert batches idempotently.
+//! * `batch`: a pure batcher (size or age).
+//! * `consumer`: reader, writer, dead-lettering and settlement of the consumer daemon.
+//! * `producer`: the producer daemon, with publisher confirms and retries.
+//! * `retry`: capped exponential backoff that gives way to shutdown.
+//! * `health`, `systemd`: what the daemon is doing, reported to systemd (READY, STATUS, watchdog).
+//! * `metrics`, `http`: Prometheus metrics and the `/metrics` listener.
+//! * `daemon`, `telemetry`: what both binaries do around their pipeline, and logging.
 
 pub mod amqp;
+pub mod batch;
 pub mod config;
 pub mod consumer;
 pub mod daemon;

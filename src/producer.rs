@@ -66,7 +66,8 @@ impl Mode {
 pub struct Summary {
     /// Readings the broker confirmed as routed and stored.
     pub confirmed: u64,
-    /// Readings still without a positive confirm when the producer stopped.
+    /// Readings still without a positive confirm when the producer stopped, including those of
+    /// `--count` or `--send` not published at all.
     pub unconfirmed: u64,
 }
 
@@ -76,11 +77,7 @@ pub enum ProducerError {
     Config(#[from] crate::config::ConfigError),
 }
 
-#[derive(Clone, Default)]
-pub struct Deps {
-    pub metrics: Arc<ProducerMetrics>,
-    pub health: Arc<Health>,
-}
+pub type Deps = crate::daemon::Deps<ProducerMetrics>;
 
 struct Outgoing {
     id: String,
@@ -125,9 +122,21 @@ impl Source {
     }
 
     fn exhausted(&self) -> bool {
+        self.unsent() == 0
+            && !matches!(
+                self,
+                Source::Stations {
+                    remaining: None,
+                    ..
+                }
+            )
+    }
+
+    /// Readings still to send (0 for an endless simulation).
+    fn unsent(&self) -> u64 {
         match self {
-            Source::Stations { remaining, .. } => *remaining == Some(0),
-            Source::One(body) => body.is_none(),
+            Source::Stations { remaining, .. } => remaining.unwrap_or(0),
+            Source::One(body) => u64::from(body.is_some()),
         }
     }
 }
@@ -177,6 +186,7 @@ struct Publisher {
     retry_delays: Box<dyn Iterator<Item = Duration> + Send>,
     summary: Summary,
     log: LogLimiter,
+    health: Arc<Health>,
 }
 
 /// Runs until the mode's readings are all confirmed or `token` is cancelled.
@@ -186,11 +196,8 @@ pub async fn run(
     deps: Deps,
     token: CancellationToken,
 ) -> Result<Summary, ProducerError> {
-    let password = cfg.amqp.password()?;
-    if let Some((_, source)) = &password {
-        info!(message = "Using a password from a file.", what = "amqp", source = ?source);
-    }
-    let uri = cfg.amqp.connect_uri(password.as_ref().map(|(s, _)| s));
+    let password = crate::secret::loaded("amqp", cfg.amqp.password()?);
+    let uri = cfg.amqp.connect_uri(password.as_ref());
     let source = match mode {
         Mode::Simulate => Source::Stations {
             stations: Box::new(Stations::new(cfg.simulation.stations)),
@@ -216,12 +223,13 @@ pub async fn run(
         retry_after: None,
         summary: Summary::default(),
         log: LogLimiter::new(5, Duration::from_secs(10)),
+        health: deps.health.clone(),
     };
     publisher
         .run(&uri, &deps.health, &token)
         .instrument(info_span!("publish"))
         .await;
-    publisher.summary.unconfirmed = publisher.retry.len() as u64;
+    publisher.summary.unconfirmed = publisher.retry.len() as u64 + publisher.source.unsent();
     Ok(publisher.summary)
 }
 
@@ -391,10 +399,15 @@ impl Publisher {
             .retry_after
             .is_none_or(|t| t <= tokio::time::Instant::now());
         let mut room = window.saturating_sub(inflight.len());
-        let mut new = self.pacer.due(
-            Instant::now(),
-            room.saturating_sub(if retry_due { self.retry.len() } else { 0 }),
-        );
+        // While readings come back unroutable or nacked, the simulation pauses: only the
+        // readings already made are retried, so memory stays within the confirm window.
+        let mut new = match self.retry_after {
+            Some(_) => 0,
+            None => self.pacer.due(
+                Instant::now(),
+                room.saturating_sub(if retry_due { self.retry.len() } else { 0 }),
+            ),
+        };
         while room > 0 {
             let msg = if retry_due && !self.retry.is_empty() {
                 self.retry.pop_front()
@@ -452,27 +465,47 @@ impl Publisher {
         self.metrics
             .confirm_duration
             .observe(sent.elapsed().as_secs_f64());
-        let problem = match confirmation {
+        let (unroutable, problem) = match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => {
                 self.summary.confirmed += 1;
                 self.metrics.confirmed.inc();
                 if self.retry_after.take().is_some() {
                     self.retry_delays = Box::new(retry::delays(&self.cfg.retry));
+                    self.health.set_problem(None);
+                    info!(
+                        message = "Readings are accepted again; the simulation resumes.",
+                        retrying = self.retry.len()
+                    );
                 }
                 return;
             }
             Confirmation::Ack(Some(returned)) => {
                 self.metrics.returned.inc();
-                format!(
+                let why = format!(
                     "returned as unroutable ({} {})",
                     returned.reply_code, returned.reply_text
-                )
+                );
+                (true, why)
             }
             Confirmation::Nack(_) => {
                 self.metrics.nacked.inc();
-                "nacked by the broker".to_owned()
+                (false, "nacked by the broker".to_owned())
             }
         };
+        if self.retry_after.is_none() {
+            let amqp = &self.cfg.amqp;
+            let why = match unroutable {
+                true => format!(
+                    "readings are unroutable: is `{}` bound to `{}` with key `{}`?",
+                    amqp.queue.as_str(),
+                    amqp.exchange.as_str(),
+                    amqp.routing_key.as_str()
+                ),
+                false => "the broker refuses readings (nack): is it out of disk or memory?".into(),
+            };
+            warn!(message = "Pausing the simulation until readings are accepted again.", why = %why, retrying = self.retry.len() + 1);
+            self.health.set_problem(Some(why));
+        }
         let delay = self.retry_delays.next().unwrap_or(Duration::from_secs(1));
         self.retry_after = Some(tokio::time::Instant::now() + delay);
         if let Some(suppressed) = self.log.allow(Instant::now()) {

@@ -37,6 +37,13 @@ pub enum SecretSource {
     Credential(PathBuf),
 }
 
+/// The password of a [`load`], after logging where it came from (never the value).
+pub fn loaded(what: &'static str, password: Option<(Secret, SecretSource)>) -> Option<Secret> {
+    let (secret, source) = password?;
+    tracing::info!(message = "Using a password from a file.", what, source = ?source);
+    Some(secret)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read `{key}` from {path}: {source}")]
 pub struct SecretError {

@@ -230,10 +230,13 @@ impl Names {
             "SELECT count(*), count(DISTINCT message_id) FROM {}.weather_logs",
             self.schema
         );
-        match client.query_one(&sql, &[]).await {
-            Ok(row) => (row.get(0), row.get(1)),
-            Err(_) => (0, 0), // table not created yet
-        }
+        // The table exists from the consumer's start (migrations run before it reads): an error
+        // here is a test bug or a broken schema, never "no rows yet".
+        let row = client
+            .query_one(&sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("cannot count rows in {}: {e}", self.schema));
+        (row.get(0), row.get(1))
     }
 
     /// Waits until exactly `n` distinct readings are stored.
@@ -358,7 +361,9 @@ impl Client {
                 FieldTable::default(),
             )
             .await;
-        let n = q.map(|q| q.message_count()).unwrap_or(0);
+        let n = q
+            .unwrap_or_else(|e| panic!("queue {queue} cannot be inspected: {e}"))
+            .message_count();
         let _ = ch.close(200, "".into()).await;
         n
     }
@@ -408,14 +413,27 @@ enum Link {
     Up,
     /// Connections stay open but nothing is forwarded: a hung peer.
     Paused,
+    /// Connections opened before the `n`th are paused for good; newer ones flow.
+    HangOlderThan(u64),
     /// Every connection is closed and new ones are refused.
     Cut,
+}
+
+impl Link {
+    fn holds(self, conn: u64) -> bool {
+        match self {
+            Link::Paused => true,
+            Link::HangOlderThan(n) => conn < n,
+            Link::Up | Link::Cut => false,
+        }
+    }
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `target` that can cut or pause the traffic for real.
 pub struct Proxy {
     pub addr: SocketAddr,
     link: watch::Sender<Link>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Copies one direction, holding data back while paused; ends when cut or closed.
@@ -423,6 +441,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut link: watch::Receiver<Link>,
+    conn: u64,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
@@ -432,7 +451,7 @@ async fn pump(
             _ = link.wait_for(|l| *l == Link::Cut) => return,
         };
         if link
-            .wait_for(|l| *l != Link::Paused)
+            .wait_for(|l| !l.holds(conn))
             .await
             .map(|l| *l == Link::Cut)
             .unwrap_or(true)
@@ -451,6 +470,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let (link, _) = watch::channel(Link::Up);
         let rx = link.subscribe();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = accepted.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -460,6 +481,7 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
+                let conn = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let rx = rx.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
@@ -467,11 +489,27 @@ impl Proxy {
                     };
                     let (ir, iw) = inbound.into_split();
                     let (or, ow) = outbound.into_split();
-                    tokio::join!(pump(ir, ow, rx.clone()), pump(or, iw, rx));
+                    tokio::join!(pump(ir, ow, rx.clone(), conn), pump(or, iw, rx, conn));
                 });
             }
         });
-        Self { addr, link }
+        Self {
+            addr,
+            link,
+            accepted,
+        }
+    }
+
+    /// Every connection open now goes silent for good (no RST, no answer), as behind a dead
+    /// router; connections opened from now on work.
+    pub fn hang_open_connections(&self) {
+        let n = self.accepted.load(std::sync::atomic::Ordering::SeqCst);
+        self.link.send_replace(Link::HangOlderThan(n));
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn cut(&self) {

@@ -1,0 +1,270 @@
+//! Dead-lettering: invalid messages (and rows PostgreSQL refused) are republished to the
+//! dead-letter exchange with their reason, `mandatory`, on a confirm channel. Only a message the
+//! broker confirmed as routed is settled. When that fails (the exchange or its queue deleted, a
+//! nack, a closed channel) the messages are held, unacknowledged, and retried with backoff on a
+//! reopened channel after redeclaring the dead-letter exchange and queue; valid readings keep
+//! flowing meanwhile, since settlement acknowledges only exact tags behind a held one.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation};
+use tracing::{error, info, warn};
+
+use super::settle::Link;
+use crate::amqp::{self, AmqpError};
+use crate::config::{AmqpConfig, RetryConfig};
+use crate::metrics::ConsumerMetrics;
+use crate::reading::Rejection;
+use crate::retry;
+use crate::telemetry::LogLimiter;
+
+/// The bytes and properties of a delivery, kept until it is settled (to dead-letter it).
+pub struct Raw {
+    pub data: Vec<u8>,
+    pub properties: BasicProperties,
+    pub exchange: ShortString,
+    pub routing_key: ShortString,
+}
+
+impl Raw {
+    pub fn message_id(&self) -> Option<&str> {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(ShortString::as_str)
+    }
+}
+
+/// A message on its way to the dead-letter queue.
+pub struct Invalid {
+    pub tag: u64,
+    pub raw: Raw,
+    pub rejection: Rejection,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DeadLetterError {
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Lapin(#[from] lapin::Error),
+    #[error("the broker refused (nacked) a dead-letter message")]
+    Nacked,
+    #[error("the dead-letter exchange routed a message to no queue ({0})")]
+    Unroutable(String),
+}
+
+pub struct DeadLetter {
+    cfg: AmqpConfig,
+    retry_cfg: RetryConfig,
+    /// The confirm channel and the link it belongs to.
+    channel: Option<(Arc<Link>, Channel)>,
+    /// Messages not yet in the dead-letter queue, all of one link, unacknowledged.
+    held: Vec<Invalid>,
+    held_link: Option<Arc<Link>>,
+    retry_at: Option<tokio::time::Instant>,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+    failing: bool,
+    reject_log: LogLimiter,
+    error_log: LogLimiter,
+}
+
+impl DeadLetter {
+    pub fn new(cfg: AmqpConfig, retry_cfg: RetryConfig) -> Self {
+        Self {
+            delays: Box::new(retry::delays(&retry_cfg)),
+            cfg,
+            retry_cfg,
+            channel: None,
+            held: Vec::new(),
+            held_link: None,
+            retry_at: None,
+            failing: false,
+            reject_log: LogLimiter::new(10, Duration::from_secs(10)),
+            error_log: LogLimiter::new(5, Duration::from_secs(10)),
+        }
+    }
+
+    /// Messages held after a failure, waiting for [`retry`](Self::retry).
+    pub fn holding(&self) -> usize {
+        self.held.len()
+    }
+
+    /// When held messages are due for another attempt; `None` while none are held.
+    pub fn retry_at(&self) -> Option<tokio::time::Instant> {
+        match self.held.is_empty() {
+            true => None,
+            false => Some(self.retry_at.unwrap_or_else(tokio::time::Instant::now)),
+        }
+    }
+
+    /// Dead-letters `invalid`, all received on `link`, together with what is held from before.
+    /// Returns the tags now confirmed in the dead-letter queue, to be settled.
+    pub async fn send(
+        &mut self,
+        link: &Arc<Link>,
+        invalid: Vec<Invalid>,
+        metrics: &ConsumerMetrics,
+    ) -> Vec<u64> {
+        self.forget_released();
+        if self
+            .held_link
+            .as_ref()
+            .is_some_and(|l| !Arc::ptr_eq(l, link))
+        {
+            // Held messages of an older link: it was closed and the broker has requeued them.
+            self.held.clear();
+        }
+        self.held.extend(invalid);
+        self.held_link = Some(link.clone());
+        let backing_off = self
+            .retry_at
+            .is_some_and(|at| at > tokio::time::Instant::now());
+        if self.held.is_empty() || backing_off {
+            return Vec::new();
+        }
+        self.attempt(link, metrics).await
+    }
+
+    /// Tries the held messages again. Returns their link and the tags to settle.
+    pub async fn retry(&mut self, metrics: &ConsumerMetrics) -> Option<(Arc<Link>, Vec<u64>)> {
+        self.forget_released();
+        let link = self.held_link.clone()?;
+        let tags = self.attempt(&link, metrics).await;
+        Some((link, tags))
+    }
+
+    fn forget_released(&mut self) {
+        if self.held_link.as_ref().is_some_and(|l| l.is_released()) {
+            self.held.clear();
+            self.held_link = None;
+        }
+    }
+
+    async fn attempt(&mut self, link: &Arc<Link>, metrics: &ConsumerMetrics) -> Vec<u64> {
+        let items = std::mem::take(&mut self.held);
+        let (done, failed, error) = self.publish(link, items).await;
+        let now = Instant::now();
+        for item in &done {
+            metrics
+                .rejected
+                .with_label_values(&[item.rejection.reason.as_str()])
+                .inc();
+            if let Some(suppressed) = self.reject_log.allow(now) {
+                warn!(
+                    message = "Rejected a message; it is in the dead-letter queue.",
+                    reason = item.rejection.reason.as_str(),
+                    detail = %item.rejection.detail,
+                    reading_id = item.raw.message_id().unwrap_or(""),
+                    bytes = item.raw.data.len(),
+                    suppressed,
+                );
+            }
+        }
+        self.held = failed;
+        match error {
+            None => {
+                if self.failing {
+                    info!("Dead-lettering works again.");
+                    self.failing = false;
+                    self.delays = Box::new(retry::delays(&self.retry_cfg));
+                }
+                self.retry_at = None;
+            }
+            Some(e) => {
+                self.channel = None;
+                self.failing = true;
+                let delay = self.delays.next().unwrap_or(Duration::from_secs(1));
+                self.retry_at = Some(tokio::time::Instant::now() + delay);
+                if let Some(suppressed) = self.error_log.allow(now) {
+                    error!(message = "Cannot dead-letter rejected messages; they stay unacknowledged and will be retried.", error = %e, error_type = "dead_letter_failed", stage = "sending", held = self.held.len(), retry_in_ms = delay.as_millis() as u64, suppressed);
+                }
+            }
+        }
+        done.into_iter().map(|i| i.tag).collect()
+    }
+
+    /// Publishes `items` and waits for their confirms: (confirmed, not confirmed, first error).
+    async fn publish(
+        &mut self,
+        link: &Arc<Link>,
+        items: Vec<Invalid>,
+    ) -> (Vec<Invalid>, Vec<Invalid>, Option<DeadLetterError>) {
+        let channel = match self.channel(link).await {
+            Ok(ch) => ch,
+            Err(e) => return (Vec::new(), items, Some(e)),
+        };
+        let exchange = self.cfg.dead_letter_exchange.as_str();
+        let mut error = None;
+        let mut confirms = Vec::with_capacity(items.len());
+        for item in &items {
+            let props = amqp::dead_letter_properties(
+                &item.raw.properties,
+                &item.rejection,
+                &item.raw.exchange,
+                &item.raw.routing_key,
+            );
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            };
+            match channel
+                .basic_publish(exchange.into(), "".into(), options, &item.raw.data, props)
+                .await
+            {
+                Ok(confirm) => confirms.push(confirm),
+                Err(e) => {
+                    error = Some(e.into());
+                    break;
+                }
+            }
+        }
+        let mut confirmed = Vec::with_capacity(confirms.len());
+        for confirm in confirms {
+            let outcome = match amqp::bounded(confirm).await {
+                Ok(Confirmation::Ack(None)) => Ok(()),
+                Ok(Confirmation::Ack(Some(returned))) => Err(DeadLetterError::Unroutable(format!(
+                    "{} {}",
+                    returned.reply_code, returned.reply_text
+                ))),
+                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
+                    Err(DeadLetterError::Nacked)
+                }
+                Err(e) => Err(e.into()),
+            };
+            confirmed.push(outcome.is_ok());
+            if let Err(e) = outcome {
+                error.get_or_insert(e);
+            }
+        }
+        confirmed.resize(items.len(), false);
+        let (done, failed): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .zip(confirmed)
+            .partition(|(_, confirmed)| *confirmed);
+        let strip = |v: Vec<(Invalid, bool)>| v.into_iter().map(|(i, _)| i).collect();
+        (strip(done), strip(failed), error)
+    }
+
+    /// The confirm channel for `link`, opened (and the dead-letter exchange and queue declared)
+    /// if there is none or the last one failed.
+    async fn channel(&mut self, link: &Arc<Link>) -> Result<Channel, DeadLetterError> {
+        if let Some((l, ch)) = &self.channel {
+            if Arc::ptr_eq(l, link) && ch.status().connected() {
+                return Ok(ch.clone());
+            }
+        }
+        let cfg = &self.cfg;
+        let ch = amqp::bounded(async {
+            let ch = amqp::confirm_channel(&link.conn).await?;
+            amqp::declare_dead_letter(&ch, cfg).await?;
+            Ok(ch)
+        })
+        .await?;
+        self.channel = Some((link.clone(), ch.clone()));
+        Ok(ch)
+    }
+}

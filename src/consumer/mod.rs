@@ -1,0 +1,377 @@
+//! The consumer: RabbitMQ → validate → batch → PostgreSQL → settle.
+//!
+//! Split the way Vector splits a source from its sink:
+//! * the *reader* (this file) takes deliveries from one link (a connection and its channel) at a
+//!   time, decodes and validates each, and groups them with a [`Batcher`] (by count, or when the
+//!   oldest has waited `batch.max_wait`);
+//! * the *writer* ([`writer`]) stores each batch's valid readings in PostgreSQL, retrying while
+//!   it is away, and hands the invalid ones to [`dead_letter`];
+//! * *settlement* ([`settle`]) acknowledges exactly the deliveries that were stored or
+//!   dead-lettered, and nothing that was not, whatever happens in between.
+//!
+//! A crash before the acknowledgement means redelivery, and redelivered rows are skipped, so
+//! every confirmed message is stored exactly once. While PostgreSQL is away the writer keeps its
+//! batch and retries; the one-batch channel between the two and the prefetch limit stop further
+//! deliveries meanwhile.
+
+mod dead_letter;
+pub mod settle;
+mod writer;
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use self::dead_letter::{DeadLetter, Raw};
+use self::settle::Link;
+use self::writer::{Batch, Delivered, Writer};
+use crate::amqp;
+use crate::batch::Batcher;
+use crate::config::{ConfigError, ConsumerConfig};
+use crate::db::{Db, DbError};
+use crate::health::{Health, Phase};
+use crate::metrics::{ConsumerMetrics, RateWindow, RATE_WINDOW};
+use crate::reading::{self, RejectReason};
+use crate::retry;
+use crate::secret::Secret;
+use crate::telemetry::LogLimiter;
+
+/// How often the reader wakes up when idle, so its heartbeat stays fresh (well inside
+/// [`crate::systemd::MIN_STALL`]).
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("cannot read a password: {0}")]
+    Config(#[from] ConfigError),
+    #[error("the writer task failed: {0}")]
+    Writer(#[from] tokio::task::JoinError),
+}
+
+/// What the consumer needs from outside: metrics and health are shared with the binary.
+pub type Deps = crate::daemon::Deps<ConsumerMetrics>;
+
+/// Runs until `token` is cancelled, then stores and acks what it holds and returns.
+pub async fn run(
+    cfg: ConsumerConfig,
+    deps: Deps,
+    token: CancellationToken,
+) -> Result<(), ConsumerError> {
+    let amqp_password = crate::secret::loaded("amqp", cfg.amqp.password()?);
+    let pg_password = crate::secret::loaded("postgres", cfg.postgres.password()?);
+    let amqp_uri = cfg.amqp.connect_uri(amqp_password.as_ref());
+    let crate::daemon::Deps { metrics, health } = deps;
+
+    health.set_phase(Phase::WaitingForDatabase);
+    let Some(db) = connect_db(&cfg, pg_password.as_ref(), &metrics, &health, &token).await else {
+        return Ok(());
+    };
+    info!(
+        message = "Connected to PostgreSQL; schema is up to date.",
+        schema = cfg.postgres.schema.as_str()
+    );
+
+    let tracker = TaskTracker::new();
+    let (tx, rx) = mpsc::channel::<Batch>(1);
+    let writer = tracker.spawn(
+        Writer {
+            db: Some(db),
+            dead_letter: DeadLetter::new(cfg.amqp.clone(), cfg.retry.clone()),
+            cfg: cfg.clone(),
+            password: pg_password,
+            metrics: metrics.clone(),
+            health: health.clone(),
+            token: token.clone(),
+            error_log: LogLimiter::new(5, Duration::from_secs(10)),
+        }
+        .run(rx)
+        .instrument(info_span!("insert_batch")),
+    );
+    tracker.spawn(rate_gauge(metrics.clone(), token.clone()));
+    tracker.close();
+
+    let link = read(&cfg, &amqp_uri, &tx, &metrics, &health, &token)
+        .instrument(info_span!("consume"))
+        .await;
+    health.set_phase(Phase::Stopping);
+    drop(tx);
+    writer.await?;
+    tracker.wait().await;
+    // Only now, with the last batch settled: what is still unsettled goes back to the queue.
+    if let Some(link) = link {
+        link.close("consumer stopping").await;
+    }
+    info!("Stopped.");
+    Ok(())
+}
+
+async fn connect_db(
+    cfg: &ConsumerConfig,
+    password: Option<&Secret>,
+    metrics: &ConsumerMetrics,
+    health: &Health,
+    token: &CancellationToken,
+) -> Option<Db> {
+    let db = retry::until_ok(
+        "postgres",
+        &cfg.retry,
+        token,
+        || {
+            health.beat();
+            Db::connect(&cfg.postgres, password)
+        },
+        |e: &DbError| {
+            metrics.postgres_connection_errors.inc();
+            health.set_problem(Some(e.problem()));
+            if !e.is_outage() {
+                error!(message = "PostgreSQL refuses us, and not because it is away; retrying in case it is being set up.", error = %e, error_type = e.error_type(), stage = "receiving");
+            }
+        },
+    )
+    .await?;
+    health.set_problem(None);
+    Some(db)
+}
+
+/// Updates `messages_per_second` once a second.
+async fn rate_gauge(metrics: Arc<ConsumerMetrics>, token: CancellationToken) {
+    let mut window = RateWindow::new(RATE_WINDOW);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {
+                metrics.per_second.set(window.observe(Instant::now(), metrics.processed.get()));
+            }
+        }
+    }
+}
+
+/// One link after another until cancelled; returns the last one, still open.
+async fn read(
+    cfg: &ConsumerConfig,
+    uri: &Secret,
+    tx: &mpsc::Sender<Batch>,
+    metrics: &ConsumerMetrics,
+    health: &Health,
+    token: &CancellationToken,
+) -> Option<Arc<Link>> {
+    let mut delays = retry::delays(&cfg.retry);
+    loop {
+        health.set_phase(Phase::WaitingForBroker);
+        let link = retry::until_ok(
+            "rabbitmq",
+            &cfg.retry,
+            token,
+            || {
+                health.beat();
+                open(cfg, uri, metrics)
+            },
+            |e: &amqp::AmqpError| {
+                metrics.amqp_connection_errors.inc();
+                health.set_problem(Some(format!("broker unreachable: {e}")));
+            },
+        )
+        .await?;
+        let link = Arc::new(link);
+        info!(
+            message = "Consuming.",
+            queue = cfg.amqp.queue.as_str(),
+            prefetch = cfg.amqp.prefetch
+        );
+        health.set_problem(None);
+        health.set_phase(Phase::Running);
+        match consume(cfg, &link, tx, health, token).await {
+            Ok(()) => return Some(link),
+            Err(e) => {
+                // Close it for good, so that whatever it had not settled is requeued now.
+                link.close("consumer reconnecting").await;
+                metrics.amqp_connection_errors.inc();
+                health.set_problem(Some(format!("broker connection lost: {e}")));
+                warn!(message = "Lost the RabbitMQ connection; reconnecting.", error = %e, error_type = "connection_lost", stage = "receiving");
+                if !retry::pause(&mut delays, token).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Connects, declares the topology and sets the prefetch, all within [`amqp::BROKER_TIMEOUT`]:
+/// a broker that accepts TCP but never finishes the handshake must not hang the reconnect loop.
+async fn open(
+    cfg: &ConsumerConfig,
+    uri: &Secret,
+    metrics: &ConsumerMetrics,
+) -> Result<Link, amqp::AmqpError> {
+    amqp::bounded(async {
+        let conn = amqp::connect(uri, "sistema-mensajes consumer").await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(cfg.amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        amqp::declare_topology(&channel, &cfg.amqp, true).await?;
+        Ok(Link::new(conn, channel, metrics.pending.clone()))
+    })
+    .await
+}
+
+/// Reads one link until cancelled (`Ok`) or its channel fails (`Err`).
+async fn consume(
+    cfg: &ConsumerConfig,
+    link: &Arc<Link>,
+    tx: &mpsc::Sender<Batch>,
+    health: &Health,
+    token: &CancellationToken,
+) -> lapin::Result<()> {
+    let tag = format!("sistema-mensajes-{}", uuid::Uuid::now_v7());
+    let mut deliveries = link
+        .channel
+        .basic_consume(
+            cfg.amqp.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut batcher = Batcher::new(cfg.batch.max_size, cfg.batch.max_wait);
+    // Batches formed and not yet taken by the writer. Reading goes on while the writer is busy,
+    // so every delivery the broker handed over is counted at once; the prefetch bounds them.
+    let mut formed: VecDeque<Vec<Delivered>> = VecDeque::new();
+    let mut idle = tokio::time::interval(IDLE_TICK);
+    let max_bytes = cfg.validation.max_message_bytes;
+    loop {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => {
+                let cancel = link.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                if let Err(e) = amqp::bounded(cancel).await {
+                    debug!(message = "Cancelling the consumer failed.", error = %e);
+                }
+                // Deliveries already buffered stay unsettled and go back to the queue on close.
+                let rest = tokio::time::timeout(amqp::BROKER_TIMEOUT, (&mut deliveries).count()).await;
+                debug!(message = "Consumer cancelled.", returned_to_queue = rest.unwrap_or(0));
+                formed.push_back(batcher.take());
+                for items in formed {
+                    send(tx, link, items, health).await;
+                }
+                return Ok(());
+            }
+            permit = tx.reserve(), if !formed.is_empty() => match permit {
+                Ok(permit) => {
+                    if let Some(items) = formed.pop_front() {
+                        permit.send(Batch { link: link.clone(), items });
+                    }
+                }
+                // The writer has stopped, so nothing will be settled: the broker redelivers.
+                Err(_) => formed.clear(),
+            },
+            _ = batcher.due() => formed.push_back(batcher.take()),
+            delivery = deliveries.next() => match delivery {
+                Some(Ok(delivery)) => {
+                    link.received();
+                    formed.extend(batcher.push(decode(delivery, max_bytes)));
+                }
+                // The link is lost: what it had not settled goes back to the queue (the caller
+                // closes it), formed batches included. Not handed to the writer, which may be
+                // busy for as long as PostgreSQL is away: reconnecting must not wait for that.
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                        lapin::ChannelState::Closed,
+                        "the broker cancelled the consumer",
+                    )));
+                }
+            },
+            _ = idle.tick() => {}
+        }
+        health.beat();
+    }
+}
+
+/// Hands a batch to the writer. Waiting for room is healthy backpressure, so it keeps beating;
+/// a writer that is stuck shows up in its own busy time instead.
+async fn send(tx: &mpsc::Sender<Batch>, link: &Arc<Link>, items: Vec<Delivered>, health: &Health) {
+    if items.is_empty() {
+        return;
+    }
+    let permit = loop {
+        tokio::select! {
+            permit = tx.reserve() => break permit,
+            _ = tokio::time::sleep(IDLE_TICK) => health.beat(),
+        }
+    };
+    match permit {
+        Ok(permit) => permit.send(Batch {
+            link: link.clone(),
+            items,
+        }),
+        // The writer has stopped, so nothing will be settled: the broker redelivers these.
+        Err(_) => debug!("Writer is gone; leaving the batch unsettled."),
+    }
+}
+
+fn decode(delivery: Delivery, max_bytes: usize) -> Delivered {
+    let Delivery {
+        delivery_tag,
+        exchange,
+        routing_key,
+        redelivered,
+        properties,
+        data,
+        ..
+    } = delivery;
+    let raw = Raw {
+        data,
+        properties,
+        exchange,
+        routing_key,
+    };
+    let reading = reading::decode(&raw.data, raw.message_id(), max_bytes);
+    Delivered {
+        tag: delivery_tag,
+        redelivered,
+        raw,
+        reading,
+    }
+}
+
+/// The `STATUS=` line `systemctl status consumer` shows.
+pub fn status_line(metrics: &ConsumerMetrics, health: &Health) -> String {
+    let problem = health.problem();
+    match health.phase() {
+        Phase::Starting => "starting".into(),
+        Phase::WaitingForDatabase => format!(
+            "waiting for PostgreSQL: {}",
+            problem.as_deref().unwrap_or("connecting")
+        ),
+        Phase::WaitingForBroker => format!(
+            "waiting for RabbitMQ: {}",
+            problem.as_deref().unwrap_or("connecting")
+        ),
+        Phase::Stopping => "stopping: storing and acknowledging what is in hand".into(),
+        Phase::Running => format!(
+            "stored {} readings, {:.0}/s, last batch {} in {} ms, {} pending, {} rejected, {}",
+            metrics.processed.get(),
+            metrics.per_second.get(),
+            metrics.last_batch.load(Ordering::Relaxed),
+            metrics.last_batch_micros.load(Ordering::Relaxed) / 1000,
+            metrics.pending.get(),
+            RejectReason::ALL
+                .iter()
+                .map(|r| metrics.rejected.with_label_values(&[r.as_str()]).get())
+                .sum::<u64>(),
+            problem.as_deref().unwrap_or("database ok"),
+        ),
+    }
+}
