@@ -170,3 +170,80 @@ async fn producer_count_and_one_shot_send_publish_and_confirm() {
         "sent exactly as given"
     );
 }
+
+#[test]
+fn timeouts_that_outlast_the_watchdog_are_a_config_error() {
+    // The defaults fit the shipped units' WatchdogSec=30s: 5 s + 20 s + 2 s.
+    let fits = run(
+        CONSUMER,
+        &["--check-config"],
+        &[("WATCHDOG_USEC", "30000000")],
+    );
+    assert!(fits.status.success(), "{}", text(&fits.stderr));
+    let out = run(
+        CONSUMER,
+        &["--check-config"],
+        &[
+            ("WATCHDOG_USEC", "30000000"),
+            ("CONSUMER_POSTGRES__STATEMENT_TIMEOUT", "30s"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("postgres.statement_timeout") && err.contains("WatchdogSec=30s"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shipped_units_leave_room_for_the_default_timeouts() {
+    use sistema_mensajes::config::{ConsumerConfig, ProducerConfig};
+    let seconds = |unit: &str, key: &str| -> f64 {
+        let text =
+            std::fs::read_to_string(format!("{}/systemd/{unit}", env!("CARGO_MANIFEST_DIR")))
+                .unwrap();
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{unit} sets no {key}"));
+        value.trim_end_matches('s').parse().unwrap()
+    };
+    let consumer = ConsumerConfig::default();
+    assert!(
+        consumer.shutdown_timeout.as_secs_f64() < seconds("consumer.service", "TimeoutStopSec"),
+        "shutdown_timeout must end before systemd's TimeoutStopSec kills the consumer"
+    );
+    assert!(
+        consumer.postgres.attempt_limit().as_secs_f64()
+            < seconds("consumer.service", "WatchdogSec"),
+        "one attempt at storing a batch must end before the watchdog fires"
+    );
+    assert!(
+        ProducerConfig::default().shutdown_timeout.as_secs_f64()
+            < seconds("producer.service", "TimeoutStopSec")
+    );
+}
+
+#[test]
+fn a_send_interrupted_before_its_confirm_exits_non_zero() {
+    // A "broker" that accepts TCP and never says a word: the send cannot be confirmed.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let mut child = Command::new(PRODUCER)
+        .args(["--send", r#"{"station_id": "S-1"}"#])
+        .env("PRODUCER_AMQP__URL", &url)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the connection attempt itself, then stop it as systemd or Ctrl-C would.
+    let (_conn, _) = silent.accept().unwrap();
+    sigterm(Some(child.id()));
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an unconfirmed send must not exit 0"
+    );
+}

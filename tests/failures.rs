@@ -48,15 +48,6 @@ fn publish_known(names: &Names, n: usize) -> (Vec<Uuid>, tokio::task::JoinHandle
     (ids, task)
 }
 
-async fn assert_exactly(names: &Names, mut ids: Vec<Uuid>) {
-    ids.sort();
-    wait_until(LIMIT, "every reading stored", || async {
-        names.rows().await.0 >= ids.len() as i64
-    })
-    .await;
-    assert_eq!(names.stored_ids().await, ids, "each reading exactly once");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn consumer_killed_mid_stream_and_restarted_stores_every_reading_once() {
     let names = Names::new("sigkill");
@@ -67,7 +58,7 @@ async fn consumer_killed_mid_stream_and_restarted_stores_every_reading_once() {
 
     let mut first = spawn_consumer_binary(&names);
     wait_until(LIMIT, "some rows stored", || async {
-        names.rows().await.0 > 2_000
+        names.stored_so_far().await > 2_000
     })
     .await;
     first.kill().await.unwrap(); // SIGKILL: no chance to flush or ack
@@ -79,7 +70,7 @@ async fn consumer_killed_mid_stream_and_restarted_stores_every_reading_once() {
 
     let mut second = spawn_consumer_binary(&names);
     publishing.await.unwrap();
-    assert_exactly(&names, ids).await;
+    names.assert_stored_exactly(ids, LIMIT).await;
     wait_until(LIMIT, "queue empty", || async {
         client.ready(&names.queue).await == 0
     })
@@ -97,7 +88,7 @@ async fn sigterm_mid_stream_exits_0_and_loses_nothing() {
 
     let mut child = spawn_consumer_binary(&names);
     wait_until(LIMIT, "some rows stored", || async {
-        names.rows().await.0 > 1_000
+        names.stored_so_far().await > 1_000
     })
     .await;
     sigterm(child.id());
@@ -120,7 +111,7 @@ async fn sigterm_mid_stream_exits_0_and_loses_nothing() {
         Deps::default(),
         token.clone(),
     ));
-    assert_exactly(&names, ids).await;
+    names.assert_stored_exactly(ids, LIMIT).await;
     token.cancel();
     next.await.unwrap().unwrap();
 }
@@ -156,7 +147,7 @@ async fn database_cut_off_keeps_messages_unacked_then_stores_them_all() {
     assert_eq!(deps.metrics.processed.get(), 0);
 
     proxy.restore();
-    assert_exactly(&names, ids).await;
+    names.assert_stored_exactly(ids, LIMIT).await;
     wait_until(LIMIT, "all acked", || async {
         unacked(&names.queue) == Some(0)
     })
@@ -193,7 +184,7 @@ async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
     ));
 
     wait_until(LIMIT, "stream flowing", || async {
-        pdeps.metrics.confirmed.get() > 2_000 && names.rows().await.0 > 1_000
+        pdeps.metrics.confirmed.get() > 2_000 && names.stored_so_far().await > 1_000
     })
     .await;
     proxy.cut();

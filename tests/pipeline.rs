@@ -72,10 +72,7 @@ async fn old_four_field_messages_from_a_plain_client_are_stored() {
         .await;
 
     let (_deps, token, consumer) = start_consumer(names.consumer_config());
-    wait_until(LIMIT, "five rows", || async {
-        names.rows().await == (5, 5)
-    })
-    .await;
+    names.wait_rows(5, LIMIT).await;
     let pg = pg_client(&pg_url()).await;
     let row = pg
         .query_one(
@@ -166,7 +163,7 @@ async fn malformed_messages_are_dead_lettered_with_their_reason_and_block_nothin
         .await;
 
     wait_until(LIMIT, "all valid rows", || async {
-        names.rows().await.0 == bad.len() as i64
+        names.stored_so_far().await == bad.len() as i64
     })
     .await;
     wait_until(LIMIT, "dead letters", || async {
@@ -249,10 +246,7 @@ async fn a_row_the_database_refuses_is_isolated_and_the_rest_of_its_batch_stored
     let mut cfg = names.consumer_config();
     cfg.batch.max_wait = Duration::from_millis(500); // one batch holds them all
     let (deps, token, consumer) = start_consumer(cfg);
-    wait_until(LIMIT, "40 rows", || async {
-        names.rows().await == (40, 40)
-    })
-    .await;
+    names.wait_rows(40, LIMIT).await;
     wait_until(LIMIT, "one dead letter", || async {
         client.ready(&names.dead_letter_queue).await == 1
     })
@@ -376,4 +370,71 @@ async fn two_consumers_starting_together_on_an_empty_schema_both_work() {
     token_b.cancel();
     run_a.await.unwrap().unwrap();
     run_b.await.unwrap().unwrap();
+}
+
+/// Migrations of a schema are serialised by an advisory lock: while another session holds it,
+/// a starting consumer waits for it, applies nothing, and does not report Running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_waits_for_the_migration_lock_before_migrating() {
+    use sistema_mensajes::db::MIGRATION_LOCK;
+    let names = Names::new("migration-lock");
+    names.create_schema().await;
+    let mut holder = pg_client(&pg_url()).await;
+    let key: i32 = holder
+        .query_one("SELECT hashtext($1)", &[&names.schema])
+        .await
+        .unwrap()
+        .get(0);
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[&MIGRATION_LOCK, &key],
+    )
+    .await
+    .unwrap();
+
+    let mut cfg = names.consumer_config();
+    cfg.postgres.statement_timeout = Duration::from_secs(60); // wait, do not time out
+    let (deps, token, run) = start_consumer(cfg);
+    let observer = pg_client(&pg_url()).await;
+    wait_until(
+        LIMIT,
+        "the consumer waiting for the migration lock",
+        || async {
+            let row = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND classid = $1 AND objid = $2 AND objsubid = 2",
+                    &[&(MIGRATION_LOCK as u32), &(key as u32)],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) == 1
+        },
+    )
+    .await;
+    let migrated: Option<String> = observer
+        .query_one(
+            &format!(
+                "SELECT to_regclass('{}.schema_migrations')::text",
+                names.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        migrated, None,
+        "migrated while another session held the lock"
+    );
+    assert_ne!(
+        deps.health.phase(),
+        sistema_mensajes::health::Phase::Running
+    );
+
+    tx.commit().await.unwrap();
+    wait_running(&deps.health).await;
+    token.cancel();
+    run.await.unwrap().unwrap();
 }

@@ -239,13 +239,36 @@ impl Names {
         (row.get(0), row.get(1))
     }
 
-    /// Waits until exactly `n` distinct readings are stored.
+    /// Rows stored so far, 0 while the consumer has not created the table yet. Only for waiting
+    /// on rows to appear: to check that nothing was stored, use the strict [`Self::rows`].
+    pub async fn stored_so_far(&self) -> i64 {
+        let client = pg_client(&pg_url()).await;
+        let sql = format!("SELECT count(*) FROM {}.weather_logs", self.schema);
+        match client.query_one(&sql, &[]).await {
+            Ok(row) => row.get(0),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+            Err(e) => panic!("cannot count rows in {}: {e}", self.schema),
+        }
+    }
+
+    /// Waits until exactly `n` (at least one) distinct readings are stored.
     pub async fn wait_rows(&self, n: u64, limit: Duration) {
+        assert!(n > 0, "to check that nothing is stored, use rows()");
         let want = (n as i64, n as i64);
         wait_until(limit, &format!("{n} readings stored once each"), || async {
-            self.rows().await == want
+            self.stored_so_far().await >= n as i64 && self.rows().await == want
         })
         .await;
+    }
+
+    /// Waits until as many rows as `ids` are stored, then checks they are exactly `ids`.
+    pub async fn assert_stored_exactly(&self, mut ids: Vec<uuid::Uuid>, limit: Duration) {
+        ids.sort();
+        wait_until(limit, "every reading stored", || async {
+            self.stored_so_far().await >= ids.len() as i64
+        })
+        .await;
+        assert_eq!(self.stored_ids().await, ids, "each reading exactly once");
     }
 
     pub async fn stored_ids(&self) -> Vec<uuid::Uuid> {
