@@ -373,7 +373,9 @@ in
                 name = "PostgreSQL (weather_logs)";
                 type = "grafana-postgresql-datasource";
                 uid = "sistema-postgres";
-                # The Unix socket's directory: peer authentication as the read-only role.
+                # The Unix socket's directory (a URL starting with "/" is a socket for Grafana:
+                # pkg/tsdb/grafana-postgresql-datasource/connection_string.go): peer
+                # authentication as the read-only role, no password.
                 url = "/run/postgresql";
                 user = pg.readerRole;
                 jsonData = {
