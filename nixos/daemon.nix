@@ -120,9 +120,8 @@ in
     };
     users.groups.${cfg.user} = { };
 
-    # $out/lib/systemd/system/${daemon}.{service,socket}; what follows becomes their drop-ins.
-    systemd.packages = [ cfg.package ];
-
+    # The package's $out/lib/systemd/system/${daemon}.{service,socket} (systemd.packages, set in
+    # common.nix); what follows becomes their drop-ins.
     systemd.sockets.${daemon} = {
       wantedBy = [ "sockets.target" ];
       # "" resets the package unit's ListenStream=127.0.0.1:<port>.
