@@ -2,7 +2,9 @@
 # turns on every part on this host; each part can be turned off to use an existing server, and
 # the parts can be spread over hosts (README, "NixOS").
 #
-# nixpkgs options set here, with the file that declares them (nixpkgs nixos-26.05; see README):
+# nixpkgs options set here, with the file that declares them. Written for nixos-26.05 (flake.lock);
+# checked by evaluation against verbatim copies of these files from a 26.11-era nixpkgs
+# (../shared/nixos-eval/upstream, Swarsel/nixpkgs@4aa6836a; the 26.05 files could not be read here):
 #   services.rabbitmq.{enable,listenAddress,plugins,configItems}  nixos/modules/services/amqp/rabbitmq.nix
 #   services.postgresql.{enable,enableTCPIP,ensureDatabases,ensureUsers,identMap,authentication}
 #                                                     nixos/modules/services/databases/postgresql.nix
@@ -184,6 +186,7 @@ in
 
     # --- RabbitMQ ---------------------------------------------------------------------------
     (lib.mkIf rmq.enable {
+      # nixos/modules/services/amqp/rabbitmq.nix
       services.rabbitmq = {
         enable = true;
         inherit (rmq) listenAddress;
@@ -263,6 +266,7 @@ in
 
     # --- PostgreSQL -------------------------------------------------------------------------
     (lib.mkIf pg.enable {
+      # nixos/modules/services/databases/postgresql.nix
       services.postgresql = {
         enable = true;
         enableTCPIP = pg.tcp.enable;
@@ -327,6 +331,7 @@ in
 
     # --- Prometheus -------------------------------------------------------------------------
     (lib.mkIf cfg.prometheus.enable {
+      # nixos/modules/services/monitoring/prometheus/default.nix
       services.prometheus = {
         enable = true;
         globalConfig.scrape_interval = mkDefault "15s";
@@ -349,6 +354,7 @@ in
         }
       ];
 
+      # nixos/modules/services/monitoring/grafana.nix
       services.grafana = {
         enable = true;
         settings.security = {
@@ -398,6 +404,7 @@ in
         };
       };
 
+      # grafana.service is grafana.nix's unit; LoadCredential= added to it.
       systemd.services.grafana = {
         after = lib.optional pg.enable "postgresql.target";
         serviceConfig.LoadCredential = [
