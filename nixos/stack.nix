@@ -90,7 +90,7 @@ in
       listenAddress = mkOption {
         type = types.str;
         default = "127.0.0.1";
-        description = "Address RabbitMQ listens on for AMQP (`services.rabbitmq.listenAddress`; \"\" is every interface).";
+        description = "Address RabbitMQ listens on for AMQP (`services.rabbitmq.listenAddress`); `0.0.0.0` for every IPv4 interface.";
       };
       openFirewall = lib.mkEnableOption "the AMQP port and the metrics port (15692) in the firewall, for daemons and a Prometheus on other hosts";
       users = lib.genAttrs [ "producer" "consumer" ] (d: {

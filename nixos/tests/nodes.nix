@@ -72,7 +72,7 @@ in
         enable = true;
         inherit (secrets pkgs) grafana;
         rabbitmq = {
-          listenAddress = "";
+          listenAddress = "0.0.0.0";
           openFirewall = true;
           users = {
             producer.passwordFile = (secrets pkgs).broker.producer;
