@@ -417,7 +417,11 @@ fn validate_url(key: &'static str, url: &Url, schemes: &[&str]) -> Result<(), Co
             ),
         ));
     }
-    if url.host_str().is_none_or(str::is_empty) {
+    // PostgreSQL URLs may name the host in the query instead, as libpq does: a Unix socket
+    // directory such as `postgres:///weather?host=/run/postgresql` (peer authentication).
+    let host_param = url.scheme().starts_with("postgres")
+        && url.query_pairs().any(|(k, v)| k == "host" && !v.is_empty());
+    if url.host_str().is_none_or(str::is_empty) && !host_param {
         return Err(invalid(key, "the URL names no host"));
     }
     Ok(())
@@ -693,6 +697,22 @@ mod tests {
             assert!(load::<ConsumerConfig>(Some(Path::new("absent.toml"))).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    fn postgres_url_may_name_a_unix_socket_instead_of_a_host() {
+        let mut c = ConsumerConfig::default();
+        c.postgres.url = Url::parse("postgres:///weather?host=/run/postgresql").unwrap();
+        c.validate().unwrap();
+        c.postgres.url = Url::parse("postgres:///weather").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("postgres.url"));
+        c.amqp.url = Url::parse("amqp:///%2f?host=/run/rabbitmq").unwrap();
+        c.postgres.url = Url::parse("postgres:///weather?host=/run/postgresql").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("amqp.url"));
     }
 
     #[test]

@@ -1,0 +1,82 @@
+{
+  description = "sistema-mensajes: weather readings from RabbitMQ into PostgreSQL, exactly once";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      # The modules, with the package defaulting to this flake's own build (no overlay needed,
+      # which also keeps `nixpkgs.*` untouched for runNixOSTest's read-only pkgs).
+      withPackage =
+        module:
+        { pkgs, ... }:
+        {
+          imports = [ module ];
+          services.sistema-mensajes.package =
+            lib.mkDefault
+              self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        };
+    in
+    {
+      overlays.default = final: _prev: {
+        sistema-mensajes = final.callPackage ./nixos/package.nix { };
+      };
+
+      packages = forAllSystems (pkgs: {
+        default = pkgs.callPackage ./nixos/package.nix { };
+      });
+
+      nixosModules = {
+        default = withPackage ./nixos;
+        producer = withPackage ./nixos/producer.nix;
+        consumer = withPackage ./nixos/consumer.nix;
+        stack = withPackage ./nixos/stack.nix;
+      };
+
+      # The VM tests need KVM (nix flake check on a builder with the nixos-test feature).
+      checks = forAllSystems (
+        pkgs:
+        let
+          vmTest =
+            file:
+            pkgs.testers.runNixOSTest {
+              imports = [ file ];
+              defaults.imports = [ self.nixosModules.default ];
+            };
+        in
+        {
+          package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          vm-one-host = vmTest ./nixos/tests/one-host.nix;
+          vm-split = vmTest ./nixos/tests/split.nix;
+        }
+      );
+
+      devShells = forAllSystems (pkgs: {
+        default = pkgs.mkShell {
+          inputsFrom = [ self.packages.${pkgs.stdenv.hostPlatform.system}.default ];
+          packages = [
+            pkgs.cargo
+            pkgs.rustc
+            pkgs.clippy
+            pkgs.rustfmt
+            pkgs.rabbitmq-server
+            pkgs.postgresql
+            pkgs.prometheus.cli # promtool
+            pkgs.nixfmt
+            pkgs.deadnix
+            pkgs.jq
+          ];
+        };
+      });
+
+      formatter = forAllSystems (pkgs: pkgs.nixfmt-tree);
+    };
+}

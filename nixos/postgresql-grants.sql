@@ -1,0 +1,40 @@
+-- Run by the postgres superuser in the pipeline's database (sistema-mensajes-postgresql-grants.service,
+-- at every boot; idempotent), with psql variables owner, reader and schema:
+--   psql -d weather -v owner=weather -v reader=weather_reader -v schema=public -f postgresql-grants.sql
+-- The reader role may connect and read weather_logs, and nothing else. The consumer creates
+-- weather_logs at its first start, perhaps long after this runs, so an event trigger grants SELECT
+-- on it when it is created; if it exists already, it is granted here.
+\set ON_ERROR_STOP on
+\set table :schema '.weather_logs'
+
+SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'reader') \gexec
+-- The consumer would create a schema other than public itself; created here so USAGE can be granted.
+SELECT format('CREATE SCHEMA IF NOT EXISTS %I AUTHORIZATION %I', :'schema', :'owner') \gexec
+SELECT format('GRANT USAGE ON SCHEMA %I TO %I', :'schema', :'reader') \gexec
+
+-- A failure here must never fail the consumer's migration: it only warns.
+SELECT format($fn$
+CREATE OR REPLACE FUNCTION public.sistema_mensajes_grant_reader() RETURNS event_trigger
+LANGUAGE plpgsql AS $body$
+DECLARE
+  obj record;
+BEGIN
+  FOR obj IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE command_tag = 'CREATE TABLE' LOOP
+    IF obj.objid = to_regclass(%L) THEN
+      BEGIN
+        EXECUTE format('GRANT SELECT ON %%s TO %%I', obj.object_identity, %L);
+      EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'sistema-mensajes: cannot grant SELECT on %% to %%: %%', obj.object_identity, %L, SQLERRM;
+      END;
+    END IF;
+  END LOOP;
+END
+$body$
+$fn$, :'table', :'reader', :'reader') \gexec
+
+DROP EVENT TRIGGER IF EXISTS sistema_mensajes_grant_reader;
+CREATE EVENT TRIGGER sistema_mensajes_grant_reader ON ddl_command_end
+  WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION public.sistema_mensajes_grant_reader();
+
+SELECT format('GRANT SELECT ON %s TO %I', to_regclass(:'table'), :'reader')
+  WHERE to_regclass(:'table') IS NOT NULL \gexec

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Creates sistema-mensajes' RabbitMQ users, one per daemon, with permissions limited to the
+# pipeline's exchange and queue names. Idempotent: run it at every boot (the NixOS module does, as
+# the unit sistema-mensajes-rabbitmq-provision.service) or by hand on any host with rabbitmqctl.
+#
+#   rabbitmq-provision.sh [options] ROLE:USER:PASSWORD_FILE...
+#
+# ROLE is `producer` or `consumer`. PASSWORD_FILE holds the user's password; if it does not exist
+# and --generate is given, a random password is written there first (mode 0600). The password is
+# passed to rabbitmqctl on stdin, never on a command line.
+#
+# Options (defaults are the daemons' defaults):
+#   --vhost V                 virtual host (/)
+#   --exchange X              direct exchange (weather)
+#   --queue Q                 queue (weather_queue)
+#   --dead-letter-exchange X  (weather_dead_letter)
+#   --dead-letter-queue Q     (weather_dead_letter)
+#   --generate                create missing password files
+#   --delete-guest            delete the `guest` user RabbitMQ creates on a fresh node
+#   --rabbitmqctl PATH        rabbitmqctl to run (rabbitmqctl from PATH)
+#
+# Permissions (https://www.rabbitmq.com/docs/access-control, regular expressions on names):
+#   producer: configure and write the exchange and the queue (it declares and binds them), read
+#             the exchange (queue.bind reads the source exchange); it cannot consume.
+#   consumer: configure, write and read all four names (it declares and binds the dead-letter
+#             exchange and queue, republishes rejected messages and consumes the queue).
+set -euo pipefail
+
+vhost=/ exchange=weather queue=weather_queue dlx=weather_dead_letter dlq=weather_dead_letter
+generate=0 delete_guest=0 ctl=rabbitmqctl
+specs=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --vhost) vhost=$2; shift 2 ;;
+    --exchange) exchange=$2; shift 2 ;;
+    --queue) queue=$2; shift 2 ;;
+    --dead-letter-exchange) dlx=$2; shift 2 ;;
+    --dead-letter-queue) dlq=$2; shift 2 ;;
+    --generate) generate=1; shift ;;
+    --delete-guest) delete_guest=1; shift ;;
+    --rabbitmqctl) ctl=$2; shift 2 ;;
+    -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "rabbitmq-provision: unknown option $1" >&2; exit 2 ;;
+    *) specs+=("$1"); shift ;;
+  esac
+done
+if [ ${#specs[@]} -eq 0 ]; then
+  echo "rabbitmq-provision: no ROLE:USER:PASSWORD_FILE given" >&2
+  exit 2
+fi
+
+# A name as a regular expression matching exactly it.
+quote() { printf '%s' "$1" | sed 's/[][\\.^$*+?(){}|]/\\&/g'; }
+alt() { # names... -> ^(a|b)$
+  local out='' n
+  while IFS= read -r n; do out+="${out:+|}$(quote "$n")"; done < <(printf '%s\n' "$@" | sort -u)
+  printf '^(%s)$' "$out"
+}
+
+ctl() { "$ctl" --quiet "$@"; }
+
+# The file's content minus one trailing newline, as the daemons read it (src/secret.rs).
+password() {
+  local p
+  p=$(cat -- "$1" && printf x)
+  p=${p%x}
+  printf '%s' "${p%$'\n'}"
+}
+
+user_exists() {
+  ctl list_users --no-table-headers | cut -f1 | grep -qxF -- "$1"
+}
+
+for spec in "${specs[@]}"; do
+  IFS=: read -r role user file <<<"$spec"
+  if [ -z "$role" ] || [ -z "$user" ] || [ -z "$file" ]; then
+    echo "rabbitmq-provision: bad argument '$spec' (want ROLE:USER:PASSWORD_FILE)" >&2
+    exit 2
+  fi
+  case $role in
+    producer)
+      configure=$(alt "$exchange" "$queue")
+      write=$configure
+      read=$(alt "$exchange")
+      ;;
+    consumer)
+      configure=$(alt "$exchange" "$queue" "$dlx" "$dlq")
+      write=$configure
+      read=$configure
+      ;;
+    *) echo "rabbitmq-provision: unknown role '$role' (producer or consumer)" >&2; exit 2 ;;
+  esac
+
+  if [ ! -e "$file" ]; then
+    if [ "$generate" = 1 ]; then
+      (umask 077 && mkdir -p "$(dirname "$file")" \
+        && head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"$file.tmp" && mv "$file.tmp" "$file")
+      echo "generated a password for $user in $file"
+    else
+      echo "rabbitmq-provision: $file does not exist (use --generate to create it)" >&2
+      exit 1
+    fi
+  fi
+  if [ ! -s "$file" ]; then
+    echo "rabbitmq-provision: $file is empty" >&2
+    exit 1
+  fi
+
+  # The password goes on stdin: rabbitmqctl reads it there when the argument is left out.
+  if user_exists "$user"; then
+    password "$file" | ctl change_password "$user" >/dev/null
+  else
+    password "$file" | ctl add_user "$user" >/dev/null
+  fi
+  ctl set_user_tags "$user" >/dev/null
+  ctl set_permissions -p "$vhost" "$user" "$configure" "$write" "$read" >/dev/null
+  echo "$user ($role) on vhost $vhost: configure $configure, write $write, read $read"
+done
+
+if [ "$delete_guest" = 1 ] && user_exists guest; then
+  ctl delete_user guest >/dev/null
+  echo "deleted the guest user"
+fi

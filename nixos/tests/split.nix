@@ -1,0 +1,87 @@
+# VM test: the stack split by options alone (flake check `vm-split`). `backend` runs RabbitMQ,
+# PostgreSQL, Prometheus and Grafana; two consumer hosts and a producer host reach it with
+# passwords. One consumer host loses power mid-stream; every reading the producer had confirmed
+# must be stored exactly once. The nodes are nodes.nix's.
+{ pkgs, ... }:
+let
+  nodes = import ./nodes.nix;
+  vm = node: {
+    imports = [ nodes.${node} ];
+    virtualisation.memorySize = if node == "backend" then 3072 else 1024;
+    environment.systemPackages = [
+      pkgs.curl
+      pkgs.jq
+    ];
+  };
+  psql = sql: "sudo -u postgres psql -d weather -tAc ${pkgs.lib.escapeShellArg sql}";
+  rows = psql "SELECT count(*) FROM weather_logs";
+in
+{
+  name = "sistema-mensajes-split";
+
+  nodes = {
+    backend = vm "backend";
+    consumer1 = vm "consumer1";
+    consumer2 = vm "consumer2";
+    # The producer starts when the test says so (below), so its runs are the test's.
+    producer = {
+      imports = [ (vm "producer") ];
+      systemd.services.producer.wantedBy = pkgs.lib.mkForce [ ];
+      systemd.sockets.producer.wantedBy = pkgs.lib.mkForce [ ];
+    };
+  };
+
+  testScript = ''
+    backend.start()
+    backend.wait_for_unit("sistema-mensajes-rabbitmq-provision.service")
+    backend.wait_for_unit("sistema-mensajes-postgresql-grants.service")
+    backend.wait_for_open_port(5672)
+    backend.wait_for_open_port(5432)
+
+    with subtest("both consumers connect over the network with passwords"):
+        for c in [consumer1, consumer2]:
+            c.start()
+            c.wait_for_unit("consumer.service")
+            c.wait_for_open_port(9102)
+
+    with subtest("the producer publishes; both consumers store"):
+        producer.start()
+        producer.wait_for_unit("multi-user.target")
+        producer.succeed("systemctl start producer.socket producer.service")
+        producer.wait_for_unit("producer.service")
+        backend.wait_until_succeeds("test $(${rows}) -gt 300", timeout=300)
+        for c in [consumer1, consumer2]:
+            c.wait_until_succeeds(
+                "curl -sf http://127.0.0.1:9102/metrics | awk '$1 == \"messages_processed_total\" { exit !($2 > 0) }'",
+                timeout=120,
+            )
+
+    with subtest("Prometheus on the backend scrapes every host"):
+        backend.wait_until_succeeds(
+            "curl -sf http://127.0.0.1:9090/api/v1/targets"
+            " | jq -e '[.data.activeTargets[] | select(.health == \"up\") | .labels.job] | sort"
+            " == [\"consumer\", \"consumer\", \"producer\", \"prometheus\", \"rabbitmq\"]'",
+            timeout=180,
+        )
+
+    with subtest("a consumer host loses power mid-stream"):
+        before = int(backend.succeed("${rows}").strip())
+        consumer1.crash()
+        # consumer2 carries on, and gets consumer1's unacknowledged deliveries once the broker
+        # has noticed (AMQP heartbeat of 5 s).
+        backend.wait_until_succeeds(f"test $(${rows}) -gt {before + 300}", timeout=300)
+
+    with subtest("every reading the producer had confirmed is stored, once"):
+        producer.succeed("systemctl stop producer.socket producer.service")
+        out = producer.succeed("journalctl -u producer.service -o json MESSAGE=Stopped. | jq -s 'map(.CONFIRMED | tonumber) | add'")
+        sent = int(out.strip())
+        producer.succeed("test $(systemctl show -p NRestarts --value producer.service) -eq 0")
+        backend.wait_until_succeeds(f"test $(${rows}) -eq {sent}", timeout=300)
+        backend.succeed("test $(${psql "SELECT count(DISTINCT message_id) FROM weather_logs"}) -eq $(${rows})")
+        backend.wait_until_succeeds(
+            "test \"$(su -s ${pkgs.runtimeShell} rabbitmq -c 'rabbitmqctl list_queues --no-table-headers name messages'"
+            " | awk '$1 == \"weather_queue\" { print $2 }')\" = 0",
+            timeout=120,
+        )
+  '';
+}
