@@ -443,8 +443,9 @@ impl Writer {
             m.pending.sub(size as i64);
             m.batch_size.observe(size as f64);
             m.insert_duration.observe(elapsed.as_secs_f64());
-            m.last_commit
-                .set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
+            let committed = time::OffsetDateTime::now_utc();
+            m.observe_end_to_end(&batch.rows, committed);
+            m.last_commit.set(committed.unix_timestamp() as f64);
             m.last_batch.store(size as u64, Ordering::Relaxed);
             m.last_batch_micros
                 .store(elapsed.as_micros() as u64, Ordering::Relaxed);
