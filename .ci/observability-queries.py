@@ -86,7 +86,7 @@ def fmt_value(v):
 def prom_main(prom, dashboard, pins):
     dash = json.load(open(dashboard))
     pinned = dict(p.split("=", 1) for p in pins)
-    values, failures = {}, 0
+    values, failures, checked = {}, 0, 0
     print(f"-- {dashboard} (uid {dash['uid']}); interval variables: "
           + ", ".join(f"{k}={v}" for k, v in INTERVALS.items()))
     for var in dash.get("templating", {}).get("list", []):
@@ -125,9 +125,13 @@ def prom_main(prom, dashboard, pins):
             ok = result and any(not math.isnan(float(r["value"][1])) for r in result)
             status = "ok  " if ok else "FAIL"
             more = f" (+{len(shown) - 4} more)" if len(shown) > 4 else ""
-            print(f"{status} {panel['title']} [{t['refId']}] {expr}\n       -> {'; '.join(shown[:4]) or 'no data'}{more}")
+            # The query as the panel holds it; the variables' values are printed above.
+            print(f"{status} {panel['title']} [{t['refId']}] {t['expr']}\n       -> {'; '.join(shown[:4]) or 'no data'}{more}")
             if not ok:
+                print(f"       ran: {expr}")
                 failures += 1
+            checked += 1
+    print(f"-- {checked} PromQL targets, {failures} failed")
     return failures
 
 
@@ -191,7 +195,7 @@ def sql_main(schema, start, end, dashboard):
         print(f"variable ${var['name']}: {len(rows)} values ({', '.join(rows[:3])}, ...)")
         if not rows:
             failures += fail(f"variable {var['name']} found nothing")
-        queries.append((f"variable ${var['name']}", var["query"]))
+        queries.append((f"variable ${var['name']}", var["query"], var["query"]))
     for panel in dash["panels"]:
         for t in panel.get("targets", []):
             raw = t["rawSql"]
@@ -199,8 +203,8 @@ def sql_main(schema, start, end, dashboard):
                 raw = raw.replace(f"${name}", v)
             for var, value in INTERVALS.items():
                 raw = raw.replace(var, value)
-            queries.append((f"{panel['title']} [{t['refId']}]", expand_macros(raw, start, end)))
-    for title, sql in queries:
+            queries.append((f"{panel['title']} [{t['refId']}]", t["rawSql"], expand_macros(raw, start, end)))
+    for title, panel_sql, sql in queries:
         try:
             out = psql(schema, sql).splitlines()
             plan = psql(schema, "EXPLAIN " + sql, csv=False)
@@ -211,12 +215,14 @@ def sql_main(schema, start, end, dashboard):
         uses_index = INDEX in plan and "Seq Scan on weather_logs" not in plan
         status = "ok  " if rows and uses_index else "FAIL"
         failures += status == "FAIL"
-        print(f"{status} {title}: {len(rows)} rows; columns {header}")
+        print(f"{status} {title}: {' '.join(panel_sql.split())}")
+        print(f"       -> {len(rows)} rows; columns {header}")
         if rows:
             print(f"       first row: {rows[0]}")
         print(f"       EXPLAIN: {' | '.join(plan_summary(plan))}")
         if not uses_index:
             print(f"       -> does not read weather_logs through {INDEX}")
+    print(f"-- {len(queries)} SQL queries, {failures} failed")
     return failures
 
 
