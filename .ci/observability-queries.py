@@ -83,12 +83,9 @@ def fmt_value(v):
     return f"{f:.4g}"
 
 
-def prom_main(prom, dashboard, pins):
-    dash = json.load(open(dashboard))
-    pinned = dict(p.split("=", 1) for p in pins)
-    values, failures, checked = {}, 0, 0
-    print(f"-- {dashboard} (uid {dash['uid']}); interval variables: "
-          + ", ".join(f"{k}={v}" for k, v in INTERVALS.items()))
+def prom_variables(prom, dash, pinned):
+    """The values Grafana would give the dashboard's variables, formatted for PromQL; and failures."""
+    values, failures = {}, 0
     for var in dash.get("templating", {}).get("list", []):
         found = label_values(prom, var["query"]["query"], values)
         if var["name"] in pinned:
@@ -107,6 +104,16 @@ def prom_main(prom, dashboard, pins):
             else (chosen[0] if chosen else "")
         )
         print(f"variable ${var['name']} = {values[var['name']]}   (query finds: {', '.join(found)})")
+    return values, failures
+
+
+def prom_main(prom, dashboard, pins):
+    dash = json.load(open(dashboard))
+    pinned = dict(p.split("=", 1) for p in pins)
+    print(f"-- {dashboard} (uid {dash['uid']}); interval variables: "
+          + ", ".join(f"{k}={v}" for k, v in INTERVALS.items()))
+    values, failures = prom_variables(prom, dash, pinned)
+    checked = 0
     for panel in dash["panels"]:
         if panel["type"] == "row":
             print(f"== row: {panel['title']}")
@@ -183,6 +190,16 @@ def plan_summary(plan):
             for k in keep]
 
 
+def sql_of_target(target, values, start, end):
+    """A panel's SQL with the variables substituted and the macros expanded."""
+    raw = target["rawSql"]
+    for name, v in values.items():
+        raw = raw.replace(f"${name}", v)
+    for var, value in INTERVALS.items():
+        raw = raw.replace(var, value)
+    return expand_macros(raw, start, end)
+
+
 def sql_main(schema, start, end, dashboard):
     dash = json.load(open(dashboard))
     failures, values = 0, {}
@@ -198,12 +215,8 @@ def sql_main(schema, start, end, dashboard):
         queries.append((f"variable ${var['name']}", var["query"], var["query"]))
     for panel in dash["panels"]:
         for t in panel.get("targets", []):
-            raw = t["rawSql"]
-            for name, v in values.items():
-                raw = raw.replace(f"${name}", v)
-            for var, value in INTERVALS.items():
-                raw = raw.replace(var, value)
-            queries.append((f"{panel['title']} [{t['refId']}]", t["rawSql"], expand_macros(raw, start, end)))
+            queries.append((f"{panel['title']} [{t['refId']}]", t["rawSql"],
+                            sql_of_target(t, values, start, end)))
     for title, panel_sql, sql in queries:
         try:
             out = psql(schema, sql).splitlines()
