@@ -505,7 +505,11 @@ async fn copy_ceiling(
     readings: &[(String, Vec<u8>)],
 ) -> f64 {
     use futures_util::SinkExt;
-    let migration = sistema_mensajes::db::MIGRATIONS[0].1;
+    // Every migration, so the COPY table has the same indexes as the consumer's.
+    let migration: String = sistema_mensajes::db::MIGRATIONS
+        .iter()
+        .map(|(_, sql)| *sql)
+        .collect();
     pg.batch_execute(&format!(
         "CREATE SCHEMA {s}; SET search_path = {s}; {migration} RESET search_path;",
         s = names.schema()

@@ -12,10 +12,16 @@ use crate::reading::Reading;
 use crate::secret::Secret;
 
 /// The files in `sql/`, applied in this order, each once, recorded in `schema_migrations`.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_weather_logs",
-    include_str!("../sql/0001_weather_logs.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_weather_logs",
+        include_str!("../sql/0001_weather_logs.sql"),
+    ),
+    (
+        "0002_weather_logs_station_index",
+        include_str!("../sql/0002_weather_logs_station_index.sql"),
+    ),
+];
 
 /// Serialises concurrent migrations of one schema across consumers: the advisory lock
 /// `(MIGRATION_LOCK, hashtext(schema))` (any 32-bit constant unique to us).

@@ -19,6 +19,28 @@ pub enum Phase {
     Stopping,
 }
 
+impl Phase {
+    /// Every phase, in the order a daemon goes through them.
+    pub const ALL: [Phase; 5] = [
+        Phase::Starting,
+        Phase::WaitingForDatabase,
+        Phase::WaitingForBroker,
+        Phase::Running,
+        Phase::Stopping,
+    ];
+
+    /// The `phase` label of `sistema_mensajes_ready`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::WaitingForDatabase => "waiting_for_database",
+            Phase::WaitingForBroker => "waiting_for_broker",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Health {
     started: Instant,

@@ -26,6 +26,7 @@ pub mod db;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod process;
 pub mod producer;
 pub mod reading;
 pub mod retry;

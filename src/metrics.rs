@@ -3,6 +3,9 @@
 //!
 //! The consumer keeps the older system's names: `messages_processed_total`,
 //! `messages_per_second`, `consumer_memory_usage_bytes`, `postgres_insert_errors_total`.
+//!
+//! Both also export the standard `process_*` metrics ([`crate::process`]) and
+//! `sistema_mensajes_ready{phase}`, computed at each scrape from the daemon's [`Phase`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
@@ -13,6 +16,8 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::health::Phase;
+use crate::process::ProcessMetrics;
 use crate::reading::RejectReason;
 
 /// The window `messages_per_second` averages over.
@@ -83,10 +88,36 @@ pub fn resident_memory_bytes() -> Option<u64> {
     Some(statm.resident * procfs::page_size())
 }
 
-fn encode(registry: &Registry) -> String {
+/// Buckets of `consumer_end_to_end_latency_seconds`: 1 ms, doubling, up to about 65 s.
+fn end_to_end_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.001, 2.0, 17).unwrap_or_default()
+}
+
+/// `sistema_mensajes_ready{phase}`: exactly one series, labelled with the current phase; 1 only
+/// while running. Built fresh at each scrape, so two scrapes never see each other's half-update.
+fn readiness(phase: Phase) -> Vec<prometheus::proto::MetricFamily> {
+    let opts = Opts::new(
+        "sistema_mensajes_ready",
+        "1 while the daemon is running normally, else 0; the phase label says what it is doing.",
+    )
+    .const_label("phase", phase.as_str());
+    match IntGauge::with_opts(opts) {
+        Ok(g) => {
+            g.set(i64::from(phase == Phase::Running));
+            prometheus::core::Collector::collect(&g)
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+fn encode(registry: &Registry, process: &ProcessMetrics, phase: Phase) -> String {
+    let mut families = registry.gather();
+    families.extend(process.families());
+    families.extend(readiness(phase));
+    families.sort_by(|a, b| a.name().cmp(b.name()));
     let mut buf = Vec::new();
     // Encoding into a Vec only fails on metric families that could not have been registered.
-    let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+    let _ = TextEncoder::new().encode(&families, &mut buf);
     String::from_utf8_lossy(&buf).into_owned()
 }
 
@@ -104,6 +135,8 @@ pub struct ConsumerMetrics {
     pub amqp_connection_errors: IntCounter,
     pub postgres_connection_errors: IntCounter,
     pub last_commit: Gauge,
+    pub end_to_end: Histogram,
+    process: ProcessMetrics,
     /// Size and duration of the last batch, for the systemd status line (not exported).
     pub last_batch: AtomicU64,
     pub last_batch_micros: AtomicU64,
@@ -125,6 +158,8 @@ impl ConsumerMetrics {
             amqp_connection_errors: counter(&r, "amqp_connection_errors_total", "RabbitMQ connections lost or attempts that failed."),
             postgres_connection_errors: counter(&r, "postgres_connection_errors_total", "PostgreSQL connections lost or attempts that failed."),
             last_commit: gauge(&r, "consumer_last_commit_timestamp_seconds", "Unix time of the last batch stored and acknowledged."),
+            end_to_end: histogram(&r, "consumer_end_to_end_latency_seconds", "Time from a reading's measured_at to the commit that stored it.", end_to_end_buckets()),
+            process: ProcessMetrics::new(),
             last_batch: AtomicU64::new(0),
             last_batch_micros: AtomicU64::new(0),
             registry: r,
@@ -136,12 +171,26 @@ impl ConsumerMetrics {
         m
     }
 
-    /// Text exposition, with the memory gauge read fresh.
-    pub fn render(&self) -> String {
+    /// Observes `measured_at` → `committed` for each row that has a `measured_at` (older-style
+    /// messages have none). A clock running ahead at the station counts as 0.
+    pub fn observe_end_to_end(
+        &self,
+        measured: impl IntoIterator<Item = time::OffsetDateTime>,
+        committed: time::OffsetDateTime,
+    ) {
+        for measured in measured {
+            let latency = (committed - measured).as_seconds_f64();
+            self.end_to_end.observe(latency.max(0.0));
+        }
+    }
+
+    /// Text exposition, with the memory and process metrics read fresh and the readiness of
+    /// `phase` (the daemon's [`crate::health::Health::phase`]).
+    pub fn render(&self, phase: Phase) -> String {
         if let Some(rss) = resident_memory_bytes() {
             self.memory.set(i64::try_from(rss).unwrap_or(i64::MAX));
         }
-        encode(&self.registry)
+        encode(&self.registry, &self.process, phase)
     }
 }
 
@@ -162,6 +211,7 @@ pub struct ProducerMetrics {
     pub confirm_duration: Histogram,
     pub memory: IntGauge,
     pub amqp_connection_errors: IntCounter,
+    process: ProcessMetrics,
 }
 
 impl ProducerMetrics {
@@ -214,17 +264,19 @@ impl ProducerMetrics {
                 "amqp_connection_errors_total",
                 "RabbitMQ connections lost or attempts that failed.",
             ),
+            process: ProcessMetrics::new(),
             registry: r,
         };
         build_info(&m.registry, "producer");
         m
     }
 
-    pub fn render(&self) -> String {
+    /// Text exposition, as [`ConsumerMetrics::render`].
+    pub fn render(&self, phase: Phase) -> String {
         if let Some(rss) = resident_memory_bytes() {
             self.memory.set(i64::try_from(rss).unwrap_or(i64::MAX));
         }
-        encode(&self.registry)
+        encode(&self.registry, &self.process, phase)
     }
 }
 
@@ -286,27 +338,111 @@ mod tests {
         assert!(r < 1.0, "{r}");
     }
 
+    /// Fails with the whole exposition unless every one of `parts` is in it.
+    fn assert_contains(text: &str, parts: &[&str]) {
+        for part in parts {
+            assert!(text.contains(part), "{part} missing in\n{text}");
+        }
+    }
+
     #[test]
     fn consumer_exposition_has_the_old_names_and_memory() {
         let m = ConsumerMetrics::new();
         m.processed.inc_by(3);
-        let text = m.render();
-        for name in [
-            "messages_processed_total 3",
-            "messages_per_second ",
-            "consumer_memory_usage_bytes ",
-            "postgres_insert_errors_total 0",
-            "messages_rejected_total{reason=\"malformed_json\"} 0",
-        ] {
-            assert!(text.contains(name), "{name} missing in\n{text}");
-        }
+        assert_contains(
+            &m.render(Phase::Running),
+            &[
+                "messages_processed_total 3",
+                "messages_per_second ",
+                "consumer_memory_usage_bytes ",
+                "postgres_insert_errors_total 0",
+                "messages_rejected_total{reason=\"malformed_json\"} 0",
+            ],
+        );
         assert!(m.memory.get() > 1_000_000, "RSS {}", m.memory.get());
     }
 
     #[test]
     fn producer_exposition_renders() {
-        let text = ProducerMetrics::new().render();
+        let text = ProducerMetrics::new().render(Phase::Running);
         assert!(text.contains("messages_confirmed_total 0"), "{text}");
         assert!(text.contains("producer_memory_usage_bytes "), "{text}");
+    }
+
+    #[test]
+    fn both_daemons_export_process_metrics() {
+        for text in [
+            ConsumerMetrics::new().render(Phase::Running),
+            ProducerMetrics::new().render(Phase::Running),
+        ] {
+            assert_contains(
+                &text,
+                &[
+                    "process_cpu_seconds_total ",
+                    "process_resident_memory_bytes ",
+                    "process_virtual_memory_bytes ",
+                    "process_open_fds ",
+                    "process_max_fds ",
+                    "process_start_time_seconds ",
+                ],
+            );
+        }
+    }
+
+    /// The lines of `sistema_mensajes_ready`, without HELP and TYPE.
+    fn ready_lines(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter(|l| l.starts_with("sistema_mensajes_ready"))
+            .collect()
+    }
+
+    #[test]
+    fn readiness_has_one_series_labelled_with_the_phase() {
+        let consumer = ConsumerMetrics::new();
+        let producer = ProducerMetrics::new();
+        for phase in Phase::ALL {
+            let want = format!(
+                "sistema_mensajes_ready{{phase=\"{}\"}} {}",
+                phase.as_str(),
+                u8::from(phase == Phase::Running)
+            );
+            for text in [consumer.render(phase), producer.render(phase)] {
+                assert_eq!(ready_lines(&text), [want.as_str()], "{phase:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn end_to_end_latency_is_observed_per_row_with_a_measured_at() {
+        let m = ConsumerMetrics::new();
+        let committed = time::OffsetDateTime::now_utc();
+        let row = |ago_ms: i64, measured: bool| crate::reading::Reading {
+            message_id: uuid::Uuid::nil(),
+            station_id: "S-1".into(),
+            temperature: 20.0,
+            humidity: 50.0,
+            pressure: 1000.0,
+            measured_at: measured.then(|| committed - time::Duration::milliseconds(ago_ms)),
+        };
+        // 3 ms, 1.5 s, no measured_at (not observed), and a station clock 2 s ahead (0).
+        let rows = [
+            row(3, true),
+            row(1500, true),
+            row(0, false),
+            row(-2000, true),
+        ];
+        m.observe_end_to_end(rows.iter().filter_map(|r| r.measured_at), committed);
+        assert_eq!(m.end_to_end.get_sample_count(), 3);
+        assert!((m.end_to_end.get_sample_sum() - 1.503).abs() < 1e-6);
+        assert_contains(
+            &m.render(Phase::Running),
+            &[
+                "consumer_end_to_end_latency_seconds_bucket{le=\"0.001\"} 1",
+                "consumer_end_to_end_latency_seconds_bucket{le=\"0.004\"} 2",
+                "consumer_end_to_end_latency_seconds_bucket{le=\"2.048\"} 3",
+                "consumer_end_to_end_latency_seconds_bucket{le=\"65.536\"} 3",
+                "consumer_end_to_end_latency_seconds_count 3",
+            ],
+        );
     }
 }

@@ -276,10 +276,10 @@ async fn metrics_endpoint_serves_the_old_names_and_they_move() {
     let (deps, token, consumer) = start_consumer(names.consumer_config());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let metrics = deps.metrics.clone();
+    let (metrics, health) = (deps.metrics.clone(), deps.health.clone());
     let server = tokio::spawn(sistema_mensajes::http::serve(
         listener,
-        Arc::new(move || metrics.render()),
+        Arc::new(move || metrics.render(health.phase())),
         token.clone(),
     ));
 
@@ -327,6 +327,8 @@ async fn metrics_endpoint_serves_the_old_names_and_they_move() {
             let text = scrape("/metrics").await;
             value(&text, "messages_processed_total") == N as f64
                 && value(&text, "messages_per_second") > 0.0
+                && value(&text, "consumer_end_to_end_latency_seconds_count") == N as f64
+                && value(&text, "sistema_mensajes_ready{phase=\"running\"}") == 1.0
         },
     )
     .await;

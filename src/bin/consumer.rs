@@ -26,8 +26,8 @@ fn main() -> ExitCode {
         let service = Service {
             listen: Some(cfg.metrics.listen),
             render: Arc::new({
-                let metrics = metrics.clone();
-                move || metrics.render()
+                let (metrics, health) = (metrics.clone(), health.clone());
+                move || metrics.render(health.phase())
             }),
             status: Arc::new(move || consumer::status_line(&metrics, &health)),
             health: deps.health.clone(),

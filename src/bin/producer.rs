@@ -40,8 +40,8 @@ fn main() -> ExitCode {
             // A one-shot send serves no metrics, so it runs beside a producer daemon.
             listen: (!matches!(mode, Mode::Send(_))).then_some(cfg.metrics.listen),
             render: Arc::new({
-                let metrics = metrics.clone();
-                move || metrics.render()
+                let (metrics, health) = (metrics.clone(), health.clone());
+                move || metrics.render(health.phase())
             }),
             status: Arc::new(move || producer::status_line(&metrics, &health)),
             health: deps.health.clone(),

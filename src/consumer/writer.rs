@@ -121,6 +121,7 @@ impl Writer {
             );
             return;
         }
+        let refused_rows: Vec<usize> = refused.iter().map(|(i, _)| *i).collect();
         let mut refused = refused.into_iter().peekable();
         let mut tags = Vec::with_capacity(size);
         for (index, (tag, raw)) in row_items.into_iter().enumerate() {
@@ -140,8 +141,14 @@ impl Writer {
             m.processed.inc_by(stored as u64);
             m.batch_size.observe(size as f64);
             m.insert_duration.observe(elapsed.as_secs_f64());
-            m.last_commit
-                .set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
+            let committed = time::OffsetDateTime::now_utc();
+            let stored_rows = rows
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !refused_rows.contains(i))
+                .filter_map(|(_, r)| r.measured_at);
+            m.observe_end_to_end(stored_rows, committed);
+            m.last_commit.set(committed.unix_timestamp() as f64);
             m.last_batch.store(size as u64, Ordering::Relaxed);
             m.last_batch_micros
                 .store(elapsed.as_micros() as u64, Ordering::Relaxed);
