@@ -338,7 +338,7 @@ async fn an_unbound_queue_pauses_the_producer_with_bounded_memory_until_it_is_bo
                 deps.metrics.unconfirmed.get(),
                 std::sync::atomic::Ordering::Relaxed,
             );
-            deps.metrics.returned.get() >= 2_000
+            deps.metrics.returned.get() >= 500
         },
     )
     .await;
