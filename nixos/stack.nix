@@ -338,7 +338,19 @@ in
         scrapeConfigs =
           job "producer" cfg.prometheus.targets.producer { }
           ++ job "consumer" cfg.prometheus.targets.consumer { }
-          ++ job "rabbitmq" cfg.prometheus.targets.rabbitmq { metrics_path = "/metrics"; }
+          # Same as nixos/prometheus/prometheus.yml, whose metric names the dashboards and alerts
+          # use: per-queue depth and consumers from /metrics/detailed (rabbitmq_detailed_*).
+          # prometheus/default.nix: scrape_config.params is attrsOf (listOf str).
+          ++ job "rabbitmq" cfg.prometheus.targets.rabbitmq {
+            metrics_path = "/metrics/detailed";
+            params = {
+              family = [
+                "queue_coarse_metrics"
+                "queue_consumer_count"
+              ];
+              vhost = [ "/" ];
+            };
+          }
           ++ job "prometheus" [ "127.0.0.1:${toString config.services.prometheus.port}" ] { };
         # nixos/prometheus/alerts.yml, checked by promtool when the system is built.
         ruleFiles = [ "${share}/prometheus/alerts.yml" ];
