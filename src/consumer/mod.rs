@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -49,6 +49,10 @@ use crate::telemetry::LogLimiter;
 /// How often the reader wakes up when idle, so its heartbeat stays fresh (well inside
 /// [`crate::systemd::MIN_STALL`]).
 const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// Most deliveries the reader takes in one go when they are already buffered: as many as tokio's
+/// own cooperative budget, so the writer (on the same thread) still gets its turn promptly.
+const READ_BURST: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -277,22 +281,37 @@ async fn consume(
                 Err(_) => formed.clear(),
             },
             _ = batcher.due() => formed.push_back(batcher.take()),
-            delivery = deliveries.next() => match delivery {
-                Some(Ok(delivery)) => {
-                    link.received();
-                    formed.extend(batcher.push(decode(delivery, max_bytes)));
+            delivery = deliveries.next() => {
+                // Then whatever else is already buffered, up to [`READ_BURST`], before the other
+                // arms are polled again: under a backlog, one turn of this loop per delivery (a
+                // timer and a cancellation waiter registered and dropped each time) costs about
+                // as much as decoding the delivery.
+                let mut next = Some(delivery);
+                let mut budget = READ_BURST;
+                while let Some(delivery) = next.take() {
+                    match delivery {
+                        Some(Ok(delivery)) => {
+                            link.received();
+                            formed.extend(batcher.push(decode(delivery, max_bytes)));
+                        }
+                        // The link is lost: what it had not settled goes back to the queue (the
+                        // caller closes it), formed batches included. Not handed to the writer,
+                        // which may be busy for as long as PostgreSQL is away: reconnecting must
+                        // not wait for that.
+                        Some(Err(e)) => return Err(e),
+                        None => {
+                            return Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                                lapin::ChannelState::Closed,
+                                "the broker cancelled the consumer",
+                            )));
+                        }
+                    }
+                    budget -= 1;
+                    if budget > 0 {
+                        next = deliveries.next().now_or_never();
+                    }
                 }
-                // The link is lost: what it had not settled goes back to the queue (the caller
-                // closes it), formed batches included. Not handed to the writer, which may be
-                // busy for as long as PostgreSQL is away: reconnecting must not wait for that.
-                Some(Err(e)) => return Err(e),
-                None => {
-                    return Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-                        lapin::ChannelState::Closed,
-                        "the broker cancelled the consumer",
-                    )));
-                }
-            },
+            }
             _ = idle.tick() => {}
         }
         health.beat();
