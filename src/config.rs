@@ -208,7 +208,8 @@ impl PostgresConfig {
 pub struct BatchConfig {
     /// Flush when this many messages are waiting.
     pub max_size: usize,
-    /// Flush when the oldest waiting message has waited this long.
+    /// Flush when the oldest waiting message has waited this long, unless more messages are
+    /// already buffered (a backlog): those are read into the batch first, up to `max_size`.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
 }

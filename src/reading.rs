@@ -7,10 +7,11 @@
 //! `message_id` and `measured_at` are optional: the older Python producer sent only the first four.
 //! Unknown fields are ignored.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -114,13 +115,97 @@ impl Rejection {
 }
 
 #[derive(Deserialize)]
-struct Wire {
-    station_id: Option<Value>,
-    temperature: Option<Value>,
-    humidity: Option<Value>,
-    pressure: Option<Value>,
-    message_id: Option<Value>,
-    measured_at: Option<Value>,
+struct Wire<'a> {
+    #[serde(borrow)]
+    station_id: Option<Field<'a>>,
+    #[serde(borrow)]
+    temperature: Option<Field<'a>>,
+    #[serde(borrow)]
+    humidity: Option<Field<'a>>,
+    #[serde(borrow)]
+    pressure: Option<Field<'a>>,
+    #[serde(borrow)]
+    message_id: Option<Field<'a>>,
+    #[serde(borrow)]
+    measured_at: Option<Field<'a>>,
+}
+
+/// One field's JSON value, as much of it as validation needs: a string borrowed from the body
+/// (copied only when it has escapes), a number, or just the kind of anything else. Parsed exactly
+/// as `serde_json::Value` would be (nested arrays and objects too, so the same nesting limit
+/// applies), so every message gets the same rejection reason, without building a tree per body.
+enum Field<'a> {
+    Null,
+    Bool,
+    Number(f64),
+    Str(Cow<'a, str>),
+    Array,
+    Object,
+}
+
+impl Field<'_> {
+    /// What it is, for a rejection's detail.
+    fn kind(&self) -> &'static str {
+        match self {
+            Field::Null => "null",
+            Field::Bool => "a boolean",
+            Field::Number(_) => "a number",
+            Field::Str(_) => "a string",
+            Field::Array => "an array",
+            Field::Object => "an object",
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(FieldVisitor)
+    }
+}
+
+struct FieldVisitor;
+
+impl<'de> Visitor<'de> for FieldVisitor {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Field<'de>, E> {
+        Ok(Field::Bool)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Field<'de>, E> {
+        Ok(Field::Number(v as f64))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Field<'de>, E> {
+        Ok(Field::Number(v as f64))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Field<'de>, E> {
+        Ok(Field::Number(v))
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Owned(v)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field<'de>, A::Error> {
+        while seq.next_element::<Field<'de>>()?.is_some() {}
+        Ok(Field::Array)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field<'de>, A::Error> {
+        while map.next_entry::<IgnoredAny, Field<'de>>()?.is_some() {}
+        Ok(Field::Object)
+    }
 }
 
 /// What our producer sends.
@@ -135,18 +220,10 @@ pub struct OutgoingReading<'a> {
     pub measured_at: OffsetDateTime,
 }
 
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn required<'a>(field: &'static str, v: &'a Option<Value>) -> Result<&'a Value, Rejection> {
+fn required<'f, 'a>(
+    field: &'static str,
+    v: &'f Option<Field<'a>>,
+) -> Result<&'f Field<'a>, Rejection> {
     v.as_ref().ok_or_else(|| {
         Rejection::new(
             RejectReason::MissingField,
@@ -155,14 +232,16 @@ fn required<'a>(field: &'static str, v: &'a Option<Value>) -> Result<&'a Value, 
     })
 }
 
-fn number(field: &'static str, v: &Option<Value>, range: (f64, f64)) -> Result<f64, Rejection> {
-    let v = required(field, v)?;
-    let n = v.as_f64().ok_or_else(|| {
-        Rejection::new(
-            RejectReason::WrongType,
-            format!("field `{field}` must be a number, found {}", json_type(v)),
-        )
-    })?;
+fn number(field: &'static str, v: &Option<Field>, range: (f64, f64)) -> Result<f64, Rejection> {
+    let n = match required(field, v)? {
+        Field::Number(n) => *n,
+        other => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("field `{field}` must be a number, found {}", other.kind()),
+            ))
+        }
+    };
     if !n.is_finite() {
         return Err(Rejection::new(
             RejectReason::NonFinite,
@@ -181,16 +260,17 @@ fn number(field: &'static str, v: &Option<Value>, range: (f64, f64)) -> Result<f
     Ok(n)
 }
 
-fn string<'a>(field: &'static str, v: &'a Value) -> Result<&'a str, Rejection> {
-    v.as_str().ok_or_else(|| {
-        Rejection::new(
+fn string<'f>(field: &'static str, v: &'f Field) -> Result<&'f str, Rejection> {
+    match v {
+        Field::Str(s) => Ok(s),
+        other => Err(Rejection::new(
             RejectReason::WrongType,
-            format!("field `{field}` must be a string, found {}", json_type(v)),
-        )
-    })
+            format!("field `{field}` must be a string, found {}", other.kind()),
+        )),
+    }
 }
 
-fn station_id(v: &Option<Value>) -> Result<String, Rejection> {
+fn station_id(v: &Option<Field>) -> Result<String, Rejection> {
     let s = string("station_id", required("station_id", v)?)?;
     let chars = s.chars().count();
     if s.trim().is_empty() || chars > MAX_STATION_ID_CHARS || s.chars().any(char::is_control) {
@@ -242,7 +322,7 @@ pub fn decode(
     let text = std::str::from_utf8(body).map_err(|e| {
         Rejection::new(RejectReason::NotUtf8, format!("the body is not UTF-8: {e}"))
     })?;
-    let wire: Wire = serde_json::from_str(text).map_err(|e| classify_json_error(text, &e))?;
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| classify_json_error(text, &e))?;
 
     let station_id = station_id(&wire.station_id)?;
     let temperature = number("temperature", &wire.temperature, TEMPERATURE_RANGE)?;

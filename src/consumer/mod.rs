@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -49,6 +49,10 @@ use crate::telemetry::LogLimiter;
 /// How often the reader wakes up when idle, so its heartbeat stays fresh (well inside
 /// [`crate::systemd::MIN_STALL`]).
 const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// Most deliveries the reader takes in one go when they are already buffered: as many as tokio's
+/// own cooperative budget, so the writer (on the same thread) still gets its turn promptly.
+const READ_BURST: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -276,27 +280,73 @@ async fn consume(
                 // The writer has stopped, so nothing will be settled: the broker redelivers.
                 Err(_) => formed.clear(),
             },
-            _ = batcher.due() => formed.push_back(batcher.take()),
-            delivery = deliveries.next() => match delivery {
-                Some(Ok(delivery)) => {
-                    link.received();
-                    formed.extend(batcher.push(decode(delivery, max_bytes)));
+            _ = batcher.due() => {
+                // `max_wait` bounds the wait on a quiet queue. Under a backlog the next
+                // deliveries are already here: read them into the batch instead of cutting it
+                // short (read without waiting, until the batch is full), so that a backlog is
+                // stored in full batches, as few inserts and commits as possible.
+                if read_buffered(&mut deliveries, READ_BURST, link, &mut batcher, &mut formed, max_bytes)? == 0 {
+                    formed.push_back(batcher.take());
                 }
-                // The link is lost: what it had not settled goes back to the queue (the caller
-                // closes it), formed batches included. Not handed to the writer, which may be
-                // busy for as long as PostgreSQL is away: reconnecting must not wait for that.
-                Some(Err(e)) => return Err(e),
-                None => {
-                    return Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-                        lapin::ChannelState::Closed,
-                        "the broker cancelled the consumer",
-                    )));
-                }
-            },
+            }
+            delivery = deliveries.next() => {
+                // Then whatever else is already buffered, up to [`READ_BURST`], before the other
+                // arms are polled again: under a backlog, one turn of this loop per delivery (a
+                // timer and a cancellation waiter registered and dropped each time) costs about
+                // as much as decoding the delivery.
+                accept(delivery, link, &mut batcher, &mut formed, max_bytes)?;
+                read_buffered(&mut deliveries, READ_BURST - 1, link, &mut batcher, &mut formed, max_bytes)?;
+            }
             _ = idle.tick() => {}
         }
         health.beat();
     }
+}
+
+/// Counts and decodes one delivery into the open batch. An error, or the end of the stream, means
+/// the link is lost: what it had not settled goes back to the queue (the caller closes it),
+/// formed batches included. They are not handed to the writer, which may be busy for as long as
+/// PostgreSQL is away: reconnecting must not wait for that.
+fn accept(
+    delivery: Option<lapin::Result<Delivery>>,
+    link: &Link,
+    batcher: &mut Batcher<Delivered>,
+    formed: &mut VecDeque<Vec<Delivered>>,
+    max_bytes: usize,
+) -> lapin::Result<()> {
+    match delivery {
+        Some(Ok(delivery)) => {
+            link.received();
+            formed.extend(batcher.push(decode(delivery, max_bytes)));
+            Ok(())
+        }
+        Some(Err(e)) => Err(e),
+        None => Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+            lapin::ChannelState::Closed,
+            "the broker cancelled the consumer",
+        ))),
+    }
+}
+
+/// [`accept`]s up to `budget` deliveries that are already buffered, without waiting; returns how
+/// many there were.
+fn read_buffered(
+    deliveries: &mut lapin::Consumer,
+    budget: usize,
+    link: &Link,
+    batcher: &mut Batcher<Delivered>,
+    formed: &mut VecDeque<Vec<Delivered>>,
+    max_bytes: usize,
+) -> lapin::Result<usize> {
+    let mut taken = 0;
+    while taken < budget {
+        let Some(delivery) = deliveries.next().now_or_never() else {
+            break;
+        };
+        accept(delivery, link, batcher, formed, max_bytes)?;
+        taken += 1;
+    }
+    Ok(taken)
 }
 
 /// Hands a batch to the writer. Waiting for room is healthy backpressure, so it keeps beating;

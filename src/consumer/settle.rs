@@ -55,14 +55,19 @@ impl Tags {
         if self.released {
             return Vec::new();
         }
+        let mut multiple = None;
         for tag in tags {
-            if tag > self.floor && !self.above.contains_key(&tag) {
+            if tag == self.floor + 1 && self.above.is_empty() {
+                // The usual case, a batch in delivery order: the prefix just grows.
+                self.floor = tag;
+                self.settled += 1;
+                multiple = Some(tag);
+            } else if tag > self.floor && !self.above.contains_key(&tag) {
                 self.above.insert(tag, false);
                 self.settled += 1;
             }
         }
         let mut acks = Vec::new();
-        let mut multiple = None;
         while let Some(acked) = self.above.remove(&(self.floor + 1)) {
             self.floor += 1;
             if !acked {
@@ -221,6 +226,15 @@ mod tests {
         // 1, 2 and 4 settle: the prefix reaches 5; 4 is the last one not yet acked.
         assert_eq!(t.settle([1, 2, 4]), vec![Ack::UpTo(4)]);
         assert_eq!(t.settle([]), vec![]);
+    }
+
+    #[test]
+    fn a_batch_out_of_order_is_still_one_multiple_ack() {
+        let mut t = received(6);
+        assert_eq!(t.settle([2, 1, 3]), vec![Ack::UpTo(3)]);
+        assert_eq!(t.settle([4, 6]), vec![Ack::UpTo(4), Ack::One(6)]);
+        assert_eq!(t.settle([5]), vec![Ack::UpTo(5)]);
+        assert_eq!(t.unsettled(), 0);
     }
 
     #[test]
