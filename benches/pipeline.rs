@@ -390,7 +390,7 @@ fn drain_limit(n: usize) -> Duration {
 /// CPU seconds used so far by each process of interest, and by the whole machine.
 ///
 /// PostgreSQL counts all its processes, and through the postmaster's `cutime` also backends that
-/// have exited; the broker is `beam.smp`.
+/// have exited; the broker is `beam.smp`; the daemons are the harness's own children.
 const PROCESSES: [&str; 5] = ["broker", "postgres", "consumer", "producer", "bench"];
 const PHASES: [(&str, &str); 5] = [
     ("bare_drain", "broker ceiling: bare drain"),
@@ -418,8 +418,9 @@ impl Cpu {
             let name = match st.comm.as_str() {
                 "beam.smp" => "broker",
                 "postgres" => "postgres",
-                "consumer" => "consumer",
-                "producer" => "producer",
+                // Ours only, the harness's children: others may run these binaries meanwhile.
+                "consumer" if st.ppid == me => "consumer",
+                "producer" if st.ppid == me => "producer",
                 // Its reaped children: only the producer exits inside a measured phase.
                 _ if st.pid == me => {
                     let children = (st.cutime + st.cstime).max(0) as f64 / tps;
