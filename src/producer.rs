@@ -303,12 +303,14 @@ impl Publisher {
         health: &Health,
         token: &CancellationToken,
     ) -> lapin::Result<()> {
-        let mut inflight: HashMap<u64, (Outgoing, Instant)> = HashMap::new();
+        let window = self.cfg.simulation.confirm_window;
+        // Sized once for the whole window: growing it in steps would hold the old and the new
+        // table at once, each time.
+        let mut inflight: HashMap<u64, (Outgoing, Instant)> = HashMap::with_capacity(window);
         let mut confirms: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
         let mut seq: u64 = 0;
         let mut tick = tokio::time::interval(PACE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let window = self.cfg.simulation.confirm_window;
         let result = loop {
             let stopping = token.is_cancelled();
             if let Err(e) = self

@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::Layer;
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -32,9 +33,11 @@ pub fn init(
     cfg: &LogConfig,
     identifier: &str,
 ) -> Result<(LogTarget, Option<String>), tracing_subscriber::util::TryInitError> {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<Targets>().ok())
+        .or_else(|| cfg.level.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     let mut fallback_reason = None;
     if wants_journald(cfg.format) {
         match tracing_journald::layer() {

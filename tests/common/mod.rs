@@ -102,12 +102,19 @@ pub struct Names {
 
 impl Names {
     pub fn new(what: &str) -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("TEST_LOG")
-                    .unwrap_or_else(|_| "warn".into()),
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let filter: tracing_subscriber::filter::Targets = std::env::var("TEST_LOG")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| "warn".parse().unwrap());
+        let _ = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_test_writer()
+                    .with_filter(filter),
             )
-            .with_test_writer()
             .try_init();
         let base = unique_name(what);
         Self {
