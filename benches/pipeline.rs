@@ -648,6 +648,12 @@ async fn commits(pg: &tokio_postgres::Client, names: &Names) -> (SystemTime, Sys
     (at(0), at(1))
 }
 
+/// Rows per second from the first commit to the last: the drain rate without the start-up (process,
+/// connections, topology, the first batch), as context for the headline, which includes it.
+fn steady_rate(n: usize, first: SystemTime, last: SystemTime) -> f64 {
+    (n - 1) as f64 / last.duration_since(first).unwrap().as_secs_f64()
+}
+
 /// COPY of N rows into the same table definition. Returns rows/s.
 async fn copy_ceiling(
     pg: &tokio_postgres::Client,
@@ -744,8 +750,8 @@ async fn main() {
         // Draining: each ceiling just before and just after our consumer (bare, minimal, ours,
         // minimal, bare), each from a queue just filled with the same readings.
         let mut bare = Vec::new();
-        let mut minimal = Vec::new();
-        let (mut ours_rate, mut consumer_rss) = (0.0, 0);
+        let (mut minimal, mut minimal_steady) = (Vec::new(), Vec::new());
+        let (mut ours_rate, mut ours_steady, mut consumer_rss) = (0.0, 0.0, 0);
         let (mut bare_cpu, mut minimal_cpu, mut our_cpu) = (Vec::new(), Vec::new(), 0.0);
         for drain in [
             Drain::Bare,
@@ -785,9 +791,10 @@ async fn main() {
                         args.prefetch,
                     ));
                     minimal_cpu.push(s.phase_cpu("minimal_drain", cpu, n));
-                    let (_, last_commit) = commits(&pg, &names).await;
+                    let (first_commit, last_commit) = commits(&pg, &names).await;
                     let elapsed = last_commit.duration_since(started).unwrap();
                     minimal.push(n as f64 / elapsed.as_secs_f64());
+                    minimal_steady.push(steady_rate(n, first_commit, last_commit));
                 }
                 Drain::Ours => {
                     let (child, port, started) = start_consumer(&args, &names);
@@ -800,6 +807,7 @@ async fn main() {
                         first_commit.duration_since(started).unwrap().as_secs_f64() * 1e3,
                     );
                     ours_rate = n as f64 / elapsed.as_secs_f64();
+                    ours_steady = steady_rate(n, first_commit, last_commit);
                     consumer_rss = stop(child);
                 }
             }
@@ -815,6 +823,10 @@ async fn main() {
             ("consumer_vs_minimal", ours / minimal),
             ("consumer_vs_broker", ours / bare),
             ("minimal_vs_broker", minimal / bare),
+            (
+                "consumer_vs_minimal_steady",
+                ours_steady / mean(&minimal_steady),
+            ),
             ("consumer_peak_rss_mib", consumer_rss as f64 / 1048576.0),
         ] {
             s.push(k, v);
@@ -935,6 +947,11 @@ async fn main() {
         (
             "minimal_vs_broker",
             "minimal pipeline / broker drain ceiling",
+            "",
+        ),
+        (
+            "consumer_vs_minimal_steady",
+            "consumer / minimal pipeline, first row → last row (context)",
             "",
         ),
         ("consumer_vs_copy", "consumer drain / COPY", ""),
