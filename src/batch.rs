@@ -1,5 +1,7 @@
 //! Batching: items are grouped until there are `max_size` of them, or until the oldest has waited
-//! `max_wait`. Pure: no I/O, and time is tokio's, so the tests run under paused time.
+//! `max_wait`. A batch that is due may be *held* (while the writer is still busy, so it could not
+//! be written sooner anyway): it keeps filling, and is no longer due. Pure: no I/O, and time is
+//! tokio's, so the tests run under paused time.
 
 use std::time::Duration;
 
@@ -12,6 +14,8 @@ pub struct Batcher<T> {
     items: Vec<T>,
     /// When the open batch is due: `max_wait` after its first item.
     due: Option<Instant>,
+    /// The open batch came due and is held: it waits for [`take`](Self::take), filling.
+    held: bool,
 }
 
 impl<T> Batcher<T> {
@@ -22,6 +26,7 @@ impl<T> Batcher<T> {
             max_wait,
             items: Vec::with_capacity(max_size),
             due: None,
+            held: false,
         }
     }
 
@@ -37,6 +42,7 @@ impl<T> Batcher<T> {
     /// The open batch, however small (empty if there is none), and a fresh one behind it.
     pub fn take(&mut self) -> Vec<T> {
         self.due = None;
+        self.held = false;
         std::mem::replace(&mut self.items, Vec::with_capacity(self.max_size))
     }
 
@@ -48,10 +54,22 @@ impl<T> Batcher<T> {
         self.items.is_empty()
     }
 
-    /// Resolves when the open batch is due; never while there is none. Cancel-safe: meant for a
-    /// `select!` arm, followed by [`take`](Self::take).
+    /// Resolves when the open batch is due; never while there is none, or while it is held.
+    /// Cancel-safe: meant for a `select!` arm, followed by [`take`](Self::take) or
+    /// [`hold`](Self::hold).
     pub async fn due(&self) {
-        sleep_until(self.due).await
+        sleep_until(self.due.filter(|_| !self.held)).await
+    }
+
+    /// Holds the open batch, which is due: [`due`](Self::due) no longer resolves for it, and it
+    /// keeps taking items until it is full or taken.
+    pub fn hold(&mut self) {
+        self.held = !self.items.is_empty();
+    }
+
+    /// Whether the open batch is held.
+    pub fn is_held(&self) -> bool {
+        self.held
     }
 }
 
@@ -103,6 +121,31 @@ mod tests {
         assert!(!due_within(&b, Duration::from_secs(1)).await);
         b.push(3);
         assert!(due_within(&b, WAIT).await, "a new batch has a new deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_batch_fills_until_full_or_taken() {
+        let mut b = Batcher::new(3, WAIT);
+        b.push(1);
+        assert!(due_within(&b, WAIT).await);
+        b.hold();
+        assert!(b.is_held());
+        assert!(
+            !due_within(&b, Duration::from_secs(1)).await,
+            "held: not due again"
+        );
+        assert_eq!(b.push(2), None);
+        assert_eq!(b.push(3), Some(vec![1, 2, 3]), "full: out it goes");
+        assert!(!b.is_held());
+        b.push(4);
+        b.hold();
+        assert_eq!(b.take(), vec![4]);
+        assert!(!b.is_held());
+        b.push(5);
+        assert!(due_within(&b, WAIT).await, "the next batch is due as usual");
+        let mut empty = Batcher::<u32>::new(3, WAIT);
+        empty.hold();
+        assert!(!empty.is_held(), "nothing to hold");
     }
 
     #[tokio::test(start_paused = true)]

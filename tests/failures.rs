@@ -116,6 +116,60 @@ async fn sigterm_mid_stream_exits_0_and_loses_nothing() {
     next.await.unwrap().unwrap();
 }
 
+/// While the writer waits on a slow database, a batch that comes due is held and keeps filling,
+/// instead of being cut every `batch.max_wait` into many small inserts that wait in line anyway.
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_that_come_due_while_the_database_is_slow_keep_filling() {
+    let names = Names::new("slow-db-batches");
+    names.create_schema().await;
+    let proxy = Proxy::start(target_of(&pg_url())).await;
+    let deps = Deps::default();
+    let token = CancellationToken::new();
+    let mut cfg = names.consumer_config_via(&amqp_url(), &proxy.url(&pg_url()));
+    cfg.batch.max_size = 100;
+    let consumer = tokio::spawn(consumer::run(cfg, deps.clone(), token.clone()));
+    wait_running(&deps.health).await;
+    let (mut ids, publishing) = publish_known(&names, 1);
+    publishing.await.unwrap();
+    names.wait_rows(1, LIMIT).await;
+    let batches_before = deps.metrics.batch_size.get_sample_count();
+
+    // PostgreSQL goes silent: the next batch (one reading) is stuck in its insert.
+    proxy.pause();
+    let (stuck, publishing) = publish_known(&names, 1);
+    publishing.await.unwrap();
+    ids.extend(stuck);
+    // Then 250 readings in 25 groups, each group coming due (5 ms) well before the next.
+    let client = Client::connect().await;
+    for _ in 0..25 {
+        let group: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+        let msgs: Vec<_> = group
+            .iter()
+            .map(|id| (reading_with_id(*id), props()))
+            .collect();
+        client
+            .publish_all(&names.exchange, &names.routing_key, &msgs)
+            .await;
+        ids.extend(group);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until(LIMIT, "all 251 received and unsettled", || async {
+        deps.metrics.pending.get() == 251
+    })
+    .await;
+
+    proxy.restore();
+    names.assert_stored_exactly(ids, LIMIT).await;
+    // The stuck batch of one, then 250 readings in full batches of 100: 100, 100, 50.
+    let batches = deps.metrics.batch_size.get_sample_count() - batches_before;
+    assert!(
+        batches <= 4,
+        "{batches} batches for 251 readings that came while the database was slow"
+    );
+    token.cancel();
+    consumer.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn database_cut_off_keeps_messages_unacked_then_stores_them_all() {
     let names = Names::new("db-cut");

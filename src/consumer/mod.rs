@@ -3,7 +3,8 @@
 //! Split the way Vector splits a source from its sink:
 //! * the *reader* (this file) takes deliveries from one link (a connection and its channel) at a
 //!   time, decodes and validates each, and groups them with a [`Batcher`] (by count, or when the
-//!   oldest has waited `batch.max_wait`);
+//!   oldest has waited `batch.max_wait`; a batch that comes due while the writer is still busy
+//!   keeps filling until the writer is free);
 //! * the *writer* ([`writer`]) stores each batch's valid readings in PostgreSQL, retrying while
 //!   it is away, and hands the invalid ones to [`dead_letter`];
 //! * *settlement* ([`settle`]) acknowledges exactly the deliveries that were stored or
@@ -27,7 +28,7 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -87,6 +88,7 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel::<Batch>(1);
+    let (idle_tx, writer_idle) = watch::channel(true);
     let writer = tracker.spawn(
         Writer {
             db: Some(db),
@@ -97,6 +99,7 @@ pub async fn run(
             health: health.clone(),
             token: token.clone(),
             error_log: LogLimiter::new(5, Duration::from_secs(10)),
+            idle: idle_tx,
         }
         .run(rx)
         .instrument(info_span!("insert_batch")),
@@ -104,7 +107,7 @@ pub async fn run(
     tracker.spawn(rate_gauge(metrics.clone(), token.clone()));
     tracker.close();
 
-    let link = read(&cfg, &amqp_uri, &tx, &metrics, &health, &token)
+    let link = read(&cfg, &amqp_uri, &tx, writer_idle, &metrics, &health, &token)
         .instrument(info_span!("consume"))
         .await;
     health.set_phase(Phase::Stopping);
@@ -166,6 +169,7 @@ async fn read(
     cfg: &ConsumerConfig,
     uri: &Secret,
     tx: &mpsc::Sender<Batch>,
+    mut writer_idle: watch::Receiver<bool>,
     metrics: &ConsumerMetrics,
     health: &Health,
     token: &CancellationToken,
@@ -195,7 +199,7 @@ async fn read(
         );
         health.set_problem(None);
         health.set_phase(Phase::Running);
-        match consume(cfg, &link, tx, health, token).await {
+        match consume(cfg, &link, tx, &mut writer_idle, health, token).await {
             Ok(()) => return Some(link),
             Err(e) => {
                 // Close it for good, so that whatever it had not settled is requeued now.
@@ -235,6 +239,7 @@ async fn consume(
     cfg: &ConsumerConfig,
     link: &Arc<Link>,
     tx: &mpsc::Sender<Batch>,
+    writer_idle: &mut watch::Receiver<bool>,
     health: &Health,
     token: &CancellationToken,
 ) -> lapin::Result<()> {
@@ -284,10 +289,16 @@ async fn consume(
                 // `max_wait` bounds the wait on a quiet queue. Under a backlog the next
                 // deliveries are already here: read them into the batch instead of cutting it
                 // short (read without waiting, until the batch is full), so that a backlog is
-                // stored in full batches, as few inserts and commits as possible.
+                // stored in full batches, as few inserts and commits as possible. Then the batch
+                // is held until the writer is free: it could not be written sooner, and it
+                // goes on filling meanwhile.
                 if read_buffered(&mut deliveries, READ_BURST, link, &mut batcher, &mut formed, max_bytes)? == 0 {
-                    formed.push_back(batcher.take());
+                    batcher.hold();
                 }
+            }
+            // (Mapped: the guard `wait_for` returns must not live in this future's state.)
+            _ = writer_idle.wait_for(|idle| *idle).map(|r| r.is_ok()), if batcher.is_held() && formed.is_empty() => {
+                formed.push_back(batcher.take());
             }
             delivery = deliveries.next() => {
                 // Then whatever else is already buffered, up to [`READ_BURST`], before the other
