@@ -142,15 +142,7 @@ async fn batches_that_come_due_while_the_database_is_slow_keep_filling() {
     // Then 250 readings in 25 groups, each group coming due (5 ms) well before the next.
     let client = Client::connect().await;
     for _ in 0..25 {
-        let group: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
-        let msgs: Vec<_> = group
-            .iter()
-            .map(|id| (reading_with_id(*id), props()))
-            .collect();
-        client
-            .publish_all(&names.exchange, &names.routing_key, &msgs)
-            .await;
-        ids.extend(group);
+        ids.extend(publish_readings(&client, &names, 10).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     wait_until(LIMIT, "all 251 received and unsettled", || async {

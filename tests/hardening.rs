@@ -16,7 +16,6 @@ use sistema_mensajes::consumer::{self, Deps};
 use sistema_mensajes::producer::{self, Mode};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -38,19 +37,6 @@ async fn stop((_, token, run): Running) {
         .await
         .expect("the consumer stops")
         .unwrap();
-}
-
-/// Publishes readings with fresh ids through a plain client; returns the ids.
-async fn publish_readings(client: &Client, names: &Names, n: usize) -> Vec<Uuid> {
-    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
-    let msgs: Vec<_> = ids
-        .iter()
-        .map(|id| (reading_with_id(*id), props()))
-        .collect();
-    client
-        .publish_all(&names.exchange, &names.routing_key, &msgs)
-        .await;
-    ids
 }
 
 async fn publish_raw(client: &Client, names: &Names, body: &[u8]) {

@@ -611,6 +611,19 @@ pub async fn produce_confirmed(names: &Names, n: u64) {
     assert_all_confirmed(summary, n);
 }
 
+/// Publishes readings with fresh ids through a plain client; returns the ids.
+pub async fn publish_readings(client: &Client, names: &Names, n: usize) -> Vec<uuid::Uuid> {
+    let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
+    let msgs: Vec<_> = ids
+        .iter()
+        .map(|id| (reading_with_id(*id), props()))
+        .collect();
+    client
+        .publish_all(&names.exchange, &names.routing_key, &msgs)
+        .await;
+    ids
+}
+
 pub fn assert_all_confirmed(summary: sistema_mensajes::producer::Summary, n: u64) {
     assert_eq!(
         summary,
