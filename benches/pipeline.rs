@@ -2,7 +2,7 @@
 //! broker and database, because this machine is shared and noisy.
 //!
 //! `cargo bench --bench pipeline -- --n 100000 --reps 3 [--queue-type quorum] [--json PATH]`
-//! `cargo bench --bench pipeline -- --n 1000000 --reps 1 --drain-only` (a large backlog)
+//! `cargo bench --bench pipeline -- --n 1000000 --reps 5 --drain-only --skip-bare` (a large backlog)
 //!
 //! Every message is a reading exactly as our producer makes it (same generator, same body, same
 //! AMQP properties), so ceilings and daemons move the same bytes. Per repetition, each ceiling is
