@@ -48,6 +48,8 @@ pub struct Health {
     heartbeat_ms: AtomicU64,
     /// When the current unit of work (storing a batch) started or last made progress; 0 = idle.
     busy_since_ms: AtomicU64,
+    /// Whether no unit of work is under way, for [`idle`](Self::idle).
+    idle: watch::Sender<bool>,
     problem: Mutex<Option<String>>,
 }
 
@@ -64,6 +66,7 @@ impl Health {
             phase: watch::Sender::new(Phase::Starting),
             heartbeat_ms: AtomicU64::new(0),
             busy_since_ms: AtomicU64::new(0),
+            idle: watch::Sender::new(true),
             problem: Mutex::new(None),
         }
     }
@@ -96,11 +99,21 @@ impl Health {
     /// A unit of work (storing a batch) started, or made progress (a retry).
     pub fn work_started(&self) {
         self.busy_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.idle
+            .send_if_modified(|idle| std::mem::replace(idle, false));
     }
 
     /// The unit of work is finished; waiting for the next is healthy.
     pub fn work_done(&self) {
         self.busy_since_ms.store(0, Ordering::Relaxed);
+        self.idle
+            .send_if_modified(|idle| !std::mem::replace(idle, true));
+    }
+
+    /// Resolves once no unit of work is under way (at once if none is). Cancel-safe.
+    pub async fn idle(&self) {
+        // The sender lives as long as `self`, so waiting cannot fail.
+        let _ = self.idle.subscribe().wait_for(|idle| *idle).await;
     }
 
     /// `Some(how long)` if the main loop has not beaten, or one unit of work has made no

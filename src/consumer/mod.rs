@@ -28,7 +28,7 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -88,7 +88,6 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel::<Batch>(1);
-    let (idle_tx, writer_idle) = watch::channel(true);
     let writer = tracker.spawn(
         Writer {
             db: Some(db),
@@ -99,7 +98,6 @@ pub async fn run(
             health: health.clone(),
             token: token.clone(),
             error_log: LogLimiter::new(5, Duration::from_secs(10)),
-            idle: idle_tx,
         }
         .run(rx)
         .instrument(info_span!("insert_batch")),
@@ -107,7 +105,7 @@ pub async fn run(
     tracker.spawn(rate_gauge(metrics.clone(), token.clone()));
     tracker.close();
 
-    let link = read(&cfg, &amqp_uri, &tx, writer_idle, &metrics, &health, &token)
+    let link = read(&cfg, &amqp_uri, &tx, &metrics, &health, &token)
         .instrument(info_span!("consume"))
         .await;
     health.set_phase(Phase::Stopping);
@@ -169,7 +167,6 @@ async fn read(
     cfg: &ConsumerConfig,
     uri: &Secret,
     tx: &mpsc::Sender<Batch>,
-    mut writer_idle: watch::Receiver<bool>,
     metrics: &ConsumerMetrics,
     health: &Health,
     token: &CancellationToken,
@@ -199,7 +196,7 @@ async fn read(
         );
         health.set_problem(None);
         health.set_phase(Phase::Running);
-        match consume(cfg, &link, tx, &mut writer_idle, health, token).await {
+        match consume(cfg, &link, tx, health, token).await {
             Ok(()) => return Some(link),
             Err(e) => {
                 // Close it for good, so that whatever it had not settled is requeued now.
@@ -239,7 +236,6 @@ async fn consume(
     cfg: &ConsumerConfig,
     link: &Arc<Link>,
     tx: &mpsc::Sender<Batch>,
-    writer_idle: &mut watch::Receiver<bool>,
     health: &Health,
     token: &CancellationToken,
 ) -> lapin::Result<()> {
@@ -296,8 +292,7 @@ async fn consume(
                     batcher.hold();
                 }
             }
-            // (Mapped: the guard `wait_for` returns must not live in this future's state.)
-            _ = writer_idle.wait_for(|idle| *idle).map(|r| r.is_ok()), if batcher.is_held() && formed.is_empty() => {
+            _ = health.idle(), if batcher.is_held() && formed.is_empty() => {
                 formed.push_back(batcher.take());
             }
             delivery = deliveries.next() => {

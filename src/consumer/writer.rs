@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -46,27 +46,22 @@ pub struct Writer {
     pub token: CancellationToken,
     pub dead_letter: DeadLetter,
     pub error_log: LogLimiter,
-    /// `true` while the writer waits for work: the reader holds a due batch until then.
-    pub idle: watch::Sender<bool>,
 }
 
 impl Writer {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Batch>) {
         loop {
             self.health.work_done();
-            self.idle.send_replace(true);
             let retry_at = self.dead_letter.retry_at();
             tokio::select! {
                 batch = rx.recv() => match batch {
                     Some(batch) => {
-                        self.idle.send_replace(false);
                         self.health.work_started();
                         self.write(batch).await;
                     }
                     None => break,
                 },
                 _ = crate::batch::sleep_until(retry_at) => {
-                    self.idle.send_replace(false);
                     self.health.work_started();
                     if let Some((link, tags)) = self.dead_letter.retry(&self.metrics).await {
                         settle(&link, &tags).await;
