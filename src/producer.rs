@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -27,6 +28,9 @@ use crate::retry;
 use crate::secret::Secret;
 use crate::station::Stations;
 use crate::telemetry::LogLimiter;
+
+/// Most publishes queued at once before their writes are awaited (see [`Publisher::publish`]).
+const PUBLISH_BURST: usize = 64;
 
 /// How often the pacer wakes up to publish what is due.
 const PACE_TICK: Duration = Duration::from_millis(5);
@@ -411,34 +415,80 @@ impl Publisher {
             ),
         };
         while room > 0 {
-            let msg = if retry_due && !self.retry.is_empty() {
-                self.retry.pop_front()
-            } else if new > 0 {
-                new -= 1;
-                self.source.next()
-            } else {
-                None
-            };
-            let Some(msg) = msg else { break };
-            let props = amqp::reading_properties(&msg.id);
-            let options = BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            };
-            let confirm = match channel
-                .basic_publish(
-                    self.cfg.amqp.exchange.as_str().into(),
-                    self.cfg.amqp.routing_key.as_str().into(),
-                    options,
-                    &msg.body,
-                    props,
-                )
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    self.retry.push_front(msg);
-                    return Err(e);
+            let size = room.min(PUBLISH_BURST);
+            let mut burst = Vec::with_capacity(size);
+            while burst.len() < size {
+                let msg = if retry_due && !self.retry.is_empty() {
+                    self.retry.pop_front()
+                } else if new > 0 {
+                    new -= 1;
+                    self.source.next()
+                } else {
+                    None
+                };
+                let Some(msg) = msg else { break };
+                burst.push(msg);
+            }
+            if burst.is_empty() {
+                break;
+            }
+            room -= burst.len();
+            self.publish(channel, burst, inflight, confirms, seq)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes `burst` in order. lapin resolves a publish once its io-loop thread has written
+    /// the frames, so awaiting each publish before starting the next costs a round trip between
+    /// the two threads per reading. Instead each is polled once, in order, which queues its frames
+    /// and takes its confirm sequence number in publishing order; then all are awaited together.
+    /// On failure the reading that failed and those behind it go back to the front of the retry
+    /// queue, in order.
+    async fn publish(
+        &mut self,
+        channel: &Channel,
+        burst: Vec<Outgoing>,
+        inflight: &mut HashMap<u64, (Outgoing, Instant)>,
+        confirms: &mut FuturesUnordered<ConfirmFuture>,
+        seq: &mut u64,
+    ) -> lapin::Result<()> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let mut writes = Vec::with_capacity(burst.len());
+        for msg in &burst {
+            let mut write = Box::pin(channel.basic_publish(
+                self.cfg.amqp.exchange.as_str().into(),
+                self.cfg.amqp.routing_key.as_str().into(),
+                options,
+                &msg.body,
+                amqp::reading_properties(&msg.id),
+            ));
+            let polled = futures_util::poll!(write.as_mut());
+            writes.push((write, polled));
+        }
+        let mut written = Vec::with_capacity(writes.len());
+        for (write, polled) in writes {
+            written.push(match polled {
+                Poll::Ready(result) => result,
+                Poll::Pending => write.await,
+            });
+        }
+        let mut failed = None;
+        let mut unsent = Vec::new();
+        for (msg, result) in burst.into_iter().zip(written) {
+            let confirm = match (result, &failed) {
+                (Ok(confirm), None) => confirm,
+                (Err(e), None) => {
+                    failed = Some(e);
+                    unsent.push(msg);
+                    continue;
+                }
+                (_, Some(_)) => {
+                    unsent.push(msg);
+                    continue;
                 }
             };
             self.metrics.published.inc();
@@ -458,9 +508,11 @@ impl Publisher {
                     Instant::now(),
                 ),
             );
-            room -= 1;
         }
-        Ok(())
+        for msg in unsent.into_iter().rev() {
+            self.retry.push_front(msg);
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     fn settle(&mut self, msg: Outgoing, sent: Instant, confirmation: Confirmation) {

@@ -203,6 +203,33 @@ async fn database_cut_off_keeps_messages_unacked_then_stores_them_all() {
     consumer.await.unwrap().unwrap();
 }
 
+type Running<T> = tokio::task::JoinHandle<T>;
+
+/// The producer finishes with all `n` readings confirmed, the consumer stores each once and stops.
+async fn all_confirmed_and_stored_once(
+    names: &Names,
+    n: u64,
+    producing: Running<Result<producer::Summary, producer::ProducerError>>,
+    (consumer, token): (
+        Running<Result<(), consumer::ConsumerError>>,
+        CancellationToken,
+    ),
+) {
+    let summary = tokio::time::timeout(LIMIT, producing)
+        .await
+        .expect("producer finishes")
+        .unwrap()
+        .unwrap();
+    assert_all_confirmed(summary, n);
+    names.wait_rows(n, LIMIT).await;
+    token.cancel();
+    tokio::time::timeout(LIMIT, consumer)
+        .await
+        .expect("consumer stops")
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
     let names = Names::new("broker-cut");
@@ -241,17 +268,50 @@ async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
     .await;
     proxy.restore();
 
-    let summary = tokio::time::timeout(LIMIT, producing)
-        .await
-        .expect("producer finishes")
-        .unwrap()
-        .unwrap();
-    assert_all_confirmed(summary, N);
-    names.wait_rows(N, LIMIT).await;
-    token.cancel();
-    tokio::time::timeout(LIMIT, consumer)
-        .await
-        .expect("consumer stops")
-        .unwrap()
-        .unwrap();
+    all_confirmed_and_stored_once(&names, N, producing, (consumer, token)).await;
+}
+
+/// The producer queues a burst of publishes before awaiting their writes: a cut while it publishes
+/// as fast as it can fails writes in the middle of a burst. The reading that failed and those
+/// behind it must go back to be republished, or they would never be confirmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_while_publishing_unpaced_republishes_every_unwritten_reading() {
+    let names = Names::new("publish-cut");
+    names.create_schema().await;
+    let proxy = Proxy::start(target_of(&amqp_url())).await;
+    let cdeps = Deps::default();
+    let token = CancellationToken::new();
+    let consumer = tokio::spawn(consumer::run(
+        names.consumer_config(),
+        cdeps.clone(),
+        token.clone(),
+    ));
+    wait_running(&cdeps.health).await;
+
+    const N: u64 = 60_000;
+    let pdeps = producer::Deps::default();
+    let producing = tokio::spawn(producer::run(
+        names.producer_config_via(&proxy.url(&amqp_url())),
+        Mode::Count(N),
+        pdeps.clone(),
+        CancellationToken::new(),
+    ));
+    for cut in 1..=3 {
+        wait_until(LIMIT, "publishing again", || async {
+            pdeps.metrics.confirmed.get() > cut * N / 5
+        })
+        .await;
+        proxy.cut();
+        wait_until(LIMIT, "the producer saw the cut", || async {
+            pdeps.metrics.amqp_connection_errors.get() >= cut
+        })
+        .await;
+        proxy.restore();
+    }
+
+    all_confirmed_and_stored_once(&names, N, producing, (consumer, token)).await;
+    assert!(
+        pdeps.metrics.republished.get() > 0,
+        "nothing was republished"
+    );
 }
