@@ -210,6 +210,7 @@ pub struct BatchConfig {
     pub max_size: usize,
     /// Flush when the oldest waiting message has waited this long, unless more messages are
     /// already buffered (a backlog): those are read into the batch first, up to `max_size`.
+    /// Sooner if nothing arrives for a millisecond and the previous batch is written.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
 }

@@ -110,6 +110,11 @@ impl Health {
             .send_if_modified(|idle| !std::mem::replace(idle, true));
     }
 
+    /// Whether no unit of work is under way.
+    pub fn is_idle(&self) -> bool {
+        *self.idle.borrow()
+    }
+
     /// Resolves once no unit of work is under way (at once if none is). Cancel-safe.
     pub async fn idle(&self) {
         // The sender lives as long as `self`, so waiting cannot fail.

@@ -1,10 +1,11 @@
 //! The producer: simulated readings → RabbitMQ, with publisher confirms.
 //!
-//! Up to `simulation.confirm_window` publishes await their confirm at once. A nack, a return
-//! (unroutable; we publish `mandatory`) or a lost connection puts the reading back in a retry
-//! queue, republished after a backoff or on the next connection, with the same message id, so the
-//! consumer stores it once however often it is sent. Nothing is forgotten: a reading leaves the
-//! producer's memory only on a positive, routed confirm.
+//! Up to `simulation.confirm_window` publishes await their confirm at once; they are written in
+//! bursts of up to [`PUBLISH_BURST`], queued together rather than one after the other. A nack, a
+//! return (unroutable; we publish `mandatory`) or a lost connection puts the reading back in a
+//! retry queue, republished after a backoff or on the next connection, with the same message id,
+//! so the consumer stores it once however often it is sent. Nothing is forgotten: a reading leaves
+//! the producer's memory only on a positive, routed confirm.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

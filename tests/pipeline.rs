@@ -440,3 +440,28 @@ async fn a_consumer_waits_for_the_migration_lock_before_migrating() {
     token.cancel();
     run.await.unwrap().unwrap();
 }
+
+/// A batch is cut as soon as the flow pauses (nothing new for a millisecond) and the writer is
+/// free, not when `batch.max_wait` runs out: at a low rate every reading would otherwise wait the
+/// whole of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn readings_are_stored_when_the_flow_pauses_not_after_max_wait() {
+    let names = Names::new("pause-cut");
+    names.create_schema().await;
+    let mut cfg = names.consumer_config();
+    cfg.batch.max_wait = Duration::from_secs(120);
+    let (deps, token, consumer) = start_consumer(cfg);
+    wait_running(&deps.health).await;
+    let client = Client::connect().await;
+    for round in 1..=2 {
+        let msgs: Vec<_> = (0..5)
+            .map(|_| (reading_with_id(Uuid::now_v7()), props()))
+            .collect();
+        client
+            .publish_all(&names.exchange, &names.routing_key, &msgs)
+            .await;
+        names.wait_rows(5 * round, LIMIT).await;
+    }
+    token.cancel();
+    consumer.await.unwrap().unwrap();
+}

@@ -5,7 +5,8 @@
 //!   time, decodes and validates each, and groups them with a [`Batcher`] (by count, or when the
 //!   oldest has waited `batch.max_wait`; a batch that comes due while the writer is still busy
 //!   keeps filling until the writer is free). While a batch is open it takes what has arrived
-//!   every millisecond rather than being woken for each delivery;
+//!   every millisecond rather than being woken for each delivery, and it cuts the batch early
+//!   when nothing came in that millisecond and the writer is free (the flow paused);
 //! * the *writer* ([`writer`]) stores each batch's valid readings in PostgreSQL, retrying while
 //!   it is away, and hands the invalid ones to [`dead_letter`];
 //! * *settlement* ([`settle`]) acknowledges exactly the deliveries that were stored or
@@ -60,8 +61,9 @@ const READ_BURST: usize = 128;
 /// each delivery. lapin receives on a thread of its own, and waking ours costs both threads a
 /// system call and a context switch. Under a backlog the reader was woken once per three
 /// deliveries or so; reading every millisecond instead cut the consumer's CPU by about a quarter.
-/// The open batch waits for `batch.max_wait` unless it fills, so this delays only a batch that
-/// fills sooner, by at most a millisecond.
+/// A millisecond with nothing new means the flow has paused: the open batch is cut then if the
+/// writer is free, instead of waiting out `batch.max_wait` (at 1,000 readings/s, five readings
+/// arrive together every 5 ms and used to wait the whole 5 ms).
 const GATHER: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -307,9 +309,14 @@ async fn consume(
                 formed.push_back(batcher.take());
             }
             _ = gather.tick(), if !batcher.is_empty() => {
-                if read_buffered(&mut deliveries, READ_BURST, link, &mut batcher, &mut formed, max_bytes)? == READ_BURST {
+                match read_buffered(&mut deliveries, READ_BURST, link, &mut batcher, &mut formed, max_bytes)? {
                     // More may be waiting: the next turn reads on.
-                    gather.reset_immediately();
+                    READ_BURST => gather.reset_immediately(),
+                    // Nothing came for a millisecond: the flow has paused, and waiting out
+                    // `max_wait` would only delay what is here. Cut the batch if the writer can
+                    // take it now (if not, it keeps filling meanwhile).
+                    0 if formed.is_empty() && health.is_idle() => formed.push_back(batcher.take()),
+                    _ => {}
                 }
             }
             // Only with no batch open is the reader woken by a delivery; see [`GATHER`].
