@@ -4,6 +4,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 use tracing::{debug, info};
 
@@ -39,6 +40,38 @@ const INSERT_SKIPPING: &str = "INSERT INTO weather_logs \
     (message_id, station_id, temperature, humidity, pressure, measured_at) \
     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::float8[], $4::float8[], $5::float8[], $6::timestamptz[]) \
     ON CONFLICT (message_id) DO NOTHING";
+
+/// The insert's columns with their PostgreSQL types, in parameter order.
+pub const COLUMNS: [(&str, Type); 6] = [
+    ("message_id", Type::UUID),
+    ("station_id", Type::TEXT),
+    ("temperature", Type::FLOAT8),
+    ("humidity", Type::FLOAT8),
+    ("pressure", Type::FLOAT8),
+    ("measured_at", Type::TIMESTAMPTZ),
+];
+
+/// Encodes one reading's parameters exactly as the insert sends them (each element of the
+/// insert's arrays goes through the same `ToSql`), without sending anything. `Err` names the
+/// column that cannot be encoded. [`crate::reading::decode`] calls it, so that nothing it accepts
+/// can fail, or panic, on its way to PostgreSQL.
+pub fn encode(r: &Reading, buf: &mut bytes::BytesMut) -> Result<(), (&'static str, String)> {
+    let values: [&(dyn ToSql + Sync); 6] = [
+        &r.message_id,
+        &r.station_id,
+        &r.temperature,
+        &r.humidity,
+        &r.pressure,
+        &r.measured_at,
+    ];
+    for ((column, ty), value) in COLUMNS.iter().zip(values) {
+        buf.clear();
+        value
+            .to_sql_checked(ty, buf)
+            .map_err(|e| (*column, e.to_string()))?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -284,6 +284,29 @@ fn station_id(v: &Option<Field>) -> Result<String, Rejection> {
     Ok(s.to_owned())
 }
 
+/// Earliest and latest `measured_at` accepted, in UTC: years 1 to 9999, which PostgreSQL's
+/// `timestamptz` (4713 BC to 294276 AD) and the `time` crate both hold whatever the offset.
+pub const MEASURED_AT_YEARS: (i32, i32) = (1, 9999);
+
+/// An RFC 3339 timestamp, converted to UTC. The conversion is checked: `9999-12-31T23:59:59-01:00`
+/// is a valid RFC 3339 string whose UTC instant is in year 10000, which `time` cannot represent
+/// (and which made postgres-types panic when it converted the value itself).
+fn timestamp(s: &str) -> Result<OffsetDateTime, Rejection> {
+    let invalid = |what: String| Rejection::new(RejectReason::InvalidTimestamp, what);
+    let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
+        invalid(format!(
+            "field `measured_at` is not an RFC 3339 timestamp: {e}"
+        ))
+    })?;
+    let (first, last) = MEASURED_AT_YEARS;
+    match t.checked_to_offset(time::UtcOffset::UTC) {
+        Some(utc) if (first..=last).contains(&utc.year()) => Ok(utc),
+        _ => Err(invalid(format!(
+            "field `measured_at` is outside the years {first} to {last} in UTC"
+        ))),
+    }
+}
+
 fn classify_json_error(body: &str, e: &serde_json::Error) -> Rejection {
     let text = e.to_string();
     if text.contains("number out of range") {
@@ -339,22 +362,33 @@ pub fn decode(
     };
     let measured_at = match &wire.measured_at {
         None => None,
-        Some(v) => Some(
-            OffsetDateTime::parse(string("measured_at", v)?, &Rfc3339).map_err(|e| {
-                Rejection::new(
-                    RejectReason::InvalidTimestamp,
-                    format!("field `measured_at` is not an RFC 3339 timestamp: {e}"),
-                )
-            })?,
-        ),
+        Some(v) => Some(timestamp(string("measured_at", v)?)?),
     };
-    Ok(Reading {
+    let reading = Reading {
         message_id: message_id(body_id, property_id, body),
         station_id,
         temperature,
         humidity,
         pressure,
         measured_at,
+    };
+    storable(&reading)?;
+    Ok(reading)
+}
+
+/// Whether the insert can encode `r`; the checks above should make this always so, and this
+/// makes sure: a reading that cannot be encoded is rejected here, naming its field, instead of
+/// failing (or, as a year-10000 timestamp once did, panicking) on its way to PostgreSQL.
+fn storable(r: &Reading) -> Result<(), Rejection> {
+    let mut buf = bytes::BytesMut::new();
+    crate::db::encode(r, &mut buf).map_err(|(column, e)| {
+        let reason = match column {
+            "message_id" => RejectReason::InvalidMessageId,
+            "station_id" => RejectReason::InvalidStationId,
+            "measured_at" => RejectReason::InvalidTimestamp,
+            _ => RejectReason::OutOfRange,
+        };
+        Rejection::new(reason, format!("field `{column}` cannot be stored: {e}"))
     })
 }
 
@@ -447,6 +481,9 @@ mod tests {
             (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":1000,"message_id":"x"}"#, InvalidMessageId),
             (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":1000,"message_id":5}"#, WrongType),
             (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":1000,"measured_at":"yesterday"}"#, InvalidTimestamp),
+            (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":1000,"measured_at":"9999-12-31T23:59:59-01:00"}"#, InvalidTimestamp),
+            (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":1000,"measured_at":"0001-01-01T00:00:00+00:01"}"#, InvalidTimestamp),
+            (br#"{"station_id":"S","temperature":1,"humidity":1,"pressure":1000,"measured_at":"0000-12-31T23:59:59Z"}"#, InvalidTimestamp),
         ];
         for (body, want) in cases {
             assert_eq!(reason(body), *want, "{}", String::from_utf8_lossy(body));
@@ -456,6 +493,95 @@ mod tests {
             "x".repeat(65)
         );
         assert_eq!(reason(long.as_bytes()), InvalidStationId);
+    }
+
+    /// Both ends of every field's domain, and just past them: what is accepted must encode.
+    #[test]
+    fn edges_of_every_field_are_accepted_or_rejected_never_unstorable() {
+        use RejectReason::*;
+        let body = |station: &str, t: &str, h: &str, p: &str, at: &str| {
+            format!(
+                r#"{{"station_id":{station},"temperature":{t},"humidity":{h},"pressure":{p},"measured_at":"{at}"}}"#
+            )
+        };
+        let ok = |b: String| match decode(b.as_bytes(), None, 4096) {
+            Ok(r) => {
+                let mut buf = bytes::BytesMut::new();
+                crate::db::encode(&r, &mut buf).unwrap();
+                r
+            }
+            Err(e) => panic!("{b}: {e:?}"),
+        };
+        let bad = |b: String, want: RejectReason| {
+            assert_eq!(
+                decode(b.as_bytes(), None, 4096).unwrap_err().reason,
+                want,
+                "{b}"
+            );
+        };
+        let at = "2026-01-01T00:00:00Z";
+        for (t, h, p) in [
+            ("-90", "0", "850"),
+            ("60", "100", "1100"),
+            ("-0.0", "-0.0", "1e3"),
+            ("5e-324", "2.2250738585072014e-308", "1099.9999999999998"),
+            ("-90.0", "100.0", "850.0"),
+        ] {
+            ok(body("\"S\"", t, h, p, at));
+        }
+        bad(
+            body("\"S\"", "-90.00000000000001", "0", "1000", at),
+            OutOfRange,
+        );
+        bad(
+            body("\"S\"", "60.00000000000001", "0", "1000", at),
+            OutOfRange,
+        );
+        bad(body("\"S\"", "1", "-5e-324", "1000", at), OutOfRange);
+        bad(
+            body("\"S\"", "1", "100.00000000000003", "1000", at),
+            OutOfRange,
+        );
+        bad(body("\"S\"", "1", "1", "849.9999999999999", at), OutOfRange);
+        bad(
+            body("\"S\"", "1", "1", "1100.0000000000002", at),
+            OutOfRange,
+        );
+        for at in [
+            "0001-01-01T00:00:00Z",
+            "0001-01-01T00:00:00-23:59",
+            "9999-12-31T23:59:59.999999999Z",
+            "9999-12-31T23:59:59+23:59",
+            "2016-12-31T23:59:60Z",
+            "1970-01-01T00:00:00.000000001+00:00",
+            "2026-06-30T12:00:00.5-00:00",
+        ] {
+            let r = ok(body("\"S\"", "1", "1", "1000", at));
+            assert_eq!(
+                r.measured_at.unwrap().offset(),
+                time::UtcOffset::UTC,
+                "{at}"
+            );
+        }
+        for at in [
+            "9999-12-31T23:59:59-01:00",
+            "9999-12-31T23:59:59.999999999-00:01",
+            "0001-01-01T00:00:00+00:01",
+            "0000-01-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2026-01-01T24:00:00Z",
+            "2026-01-01T00:00:00+24:00",
+        ] {
+            bad(body("\"S\"", "1", "1", "1000", at), InvalidTimestamp);
+        }
+        let long = "é".repeat(MAX_STATION_ID_CHARS);
+        for station in ["\"ÅØ-東京-🌧\"", "\"x\"", &format!("\"{long}\"")] {
+            ok(body(station, "1", "1", "1000", at));
+        }
+        bad(
+            body(&format!("\"{long}x\""), "1", "1", "1000", at),
+            InvalidStationId,
+        );
     }
 
     #[test]

@@ -44,11 +44,7 @@ async fn n_readings_in_give_n_rows_out_and_an_empty_queue() {
     assert_eq!(deps.metrics.processed.get(), N);
     token.cancel();
     consumer.await.unwrap().unwrap();
-    assert_eq!(
-        names.rows().await,
-        (N as i64, N as i64),
-        "nothing more after shutdown"
-    );
+    assert_eq!(names.rows().await, N as i64, "nothing more after shutdown");
     assert!(client.drain(&names.dead_letter_queue).await.is_empty());
 }
 
@@ -111,7 +107,7 @@ async fn the_same_message_twice_gives_one_row() {
         deps.metrics.processed.get() == 4
     })
     .await;
-    assert_eq!(names.rows().await, (2, 2));
+    assert_eq!(names.rows().await, 2);
     assert_eq!(deps.metrics.duplicates.get(), 2);
     assert!(names.stored_ids().await.contains(&id));
     token.cancel();
