@@ -258,6 +258,13 @@ impl Default for RetryConfig {
     }
 }
 
+impl RetryConfig {
+    /// The longest pause between two attempts: `max_delay` plus up to as much again of jitter.
+    pub fn longest_pause(&self) -> Duration {
+        self.max_delay * 2
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -494,9 +501,19 @@ impl DaemonConfig for ConsumerConfig {
                 "must be at least 1",
             ));
         }
-        // Under systemd, the watchdog must outlast any single attempt of the writer, or systemd
-        // would kill a consumer whose own timeout was about to recover it.
+        // Under systemd, the watchdog must outlast any single attempt of the writer and any pause
+        // between two, or systemd would kill a consumer that was waiting healthily.
         if let Some(watchdog) = sd_notify::watchdog_enabled() {
+            if self.retry.longest_pause() >= watchdog {
+                return Err(invalid(
+                    "retry.max_delay",
+                    format!(
+                        "{}s, twice with jitter, must stay below the systemd watchdog (WatchdogSec={}s); lower it or raise WatchdogSec",
+                        self.retry.max_delay.as_secs_f64(),
+                        watchdog.as_secs_f64()
+                    ),
+                ));
+            }
             let attempt = self.postgres.attempt_limit();
             if attempt >= watchdog {
                 return Err(invalid(

@@ -85,6 +85,12 @@ pub enum DbError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// PostgreSQL refused every reading of a batch, and a reading it accepted before as well:
+    /// the fault is the table's (a new NOT NULL column, a CHECK or trigger that refuses
+    /// everything, a column too narrow), not the readings'. They are held and retried, not
+    /// dead-lettered.
+    #[error("PostgreSQL refuses every reading, even one it accepted before: {0}")]
+    Systematic(#[source] Box<DbError>),
 }
 
 impl DbError {
@@ -92,11 +98,13 @@ impl DbError {
         move |source| DbError::Postgres { context, source }
     }
 
-    /// The row's data broke a rule of the table (SQLSTATE class 22 or 23): retrying cannot help.
+    /// PostgreSQL refused the rows themselves (SQLSTATE class 22 or 23, or an exception raised
+    /// by a trigger, class P0): perhaps one row, perhaps all of them; see
+    /// [`Db::insert_isolating`].
     pub fn is_data_error(&self) -> bool {
         match self {
             DbError::Postgres { source, .. } => source.code().is_some_and(is_data_state),
-            DbError::Config(_) | DbError::Timeout(..) => false,
+            DbError::Config(_) | DbError::Timeout(..) | DbError::Systematic(_) => false,
         }
     }
 
@@ -105,6 +113,7 @@ impl DbError {
         match self {
             DbError::Config(_) => "config",
             DbError::Timeout(..) => "timeout",
+            DbError::Systematic(_) => "refused_all",
             DbError::Postgres { context, source } => match source.code() {
                 Some(c) if is_data_state(c) => "data_rejected",
                 Some(c) if c.code().starts_with("08") => "connection",
@@ -141,6 +150,7 @@ impl DbError {
             "permission_denied" => "missing privileges in PostgreSQL",
             "migration_failed" => "a schema migration failed",
             "config" => "postgres.url is invalid",
+            "refused_all" => "PostgreSQL refuses every reading (a change to weather_logs?)",
             "data_rejected" | "query_failed" => "PostgreSQL refused the insert",
             _ => "database unavailable",
         };
@@ -161,7 +171,9 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 fn is_data_state(code: &SqlState) -> bool {
-    code.code().starts_with("22") || code.code().starts_with("23")
+    ["22", "23", "P0"]
+        .iter()
+        .any(|c| code.code().starts_with(c))
 }
 
 /// One connection with the insert statements prepared.
@@ -256,11 +268,8 @@ impl Db {
         } else {
             &self.insert_new
         };
-        let insert = self.client.execute(statement, &params);
-        match tokio::time::timeout(self.insert_timeout, insert).await {
-            Ok(result) => result.map_err(DbError::pg("insert batch")),
-            Err(_) => Err(DbError::Timeout("insert batch", self.insert_timeout)),
-        }
+        self.bounded("insert batch", self.client.execute(statement, &params))
+            .await
     }
 
     /// Inserts `rows`, skipping those already stored; if PostgreSQL refuses the data, splits the
@@ -268,12 +277,21 @@ impl Db {
     /// error is returned as is: the caller retries the whole batch, which is safe because the
     /// insert is idempotent.
     ///
+    /// A refusal of one row is the row's fault; a refusal of every row may be the table's. So
+    /// when the whole batch is refused, `reference` (a reading PostgreSQL accepted before) is
+    /// inserted with a fresh id in a transaction that is rolled back: refused too, the fault is
+    /// systematic ([`DbError::Systematic`]) and nothing is dead-lettered; accepted, the batch is
+    /// split. Deciding before splitting also keeps a systematic refusal to three statements
+    /// rather than two per row.
+    ///
     /// Unless `maybe_stored` (some message was redelivered), a plain insert is tried first; a
     /// unique violation or refused row there falls back to the skipping insert.
     pub async fn insert_isolating(
         &self,
         rows: &[Reading],
         maybe_stored: bool,
+        reference: &Reading,
+        progress: impl Fn(),
     ) -> Result<Stored, DbError> {
         if !maybe_stored {
             match self.insert(rows, false).await {
@@ -288,10 +306,33 @@ impl Db {
                 }
                 Err(e) => return Err(e),
             }
+            progress();
         }
         let mut stored = Stored::default();
-        let mut pending = vec![(0, rows.len())];
+        let whole = match self.insert(rows, true).await {
+            Ok(n) => {
+                stored.inserted = n;
+                return Ok(stored);
+            }
+            Err(e) if e.is_data_error() => e,
+            Err(e) => return Err(e),
+        };
+        progress();
+        match self.probe(reference).await {
+            Ok(()) => {}
+            Err(e) if e.is_data_error() => return Err(DbError::Systematic(Box::new(whole))),
+            Err(e) => return Err(e),
+        }
+        if rows.len() == 1 {
+            stored.rejected.push((0, format!("{whole}")));
+            return Ok(stored);
+        }
+        let mid = rows.len() / 2;
+        let mut pending = vec![(mid, rows.len()), (0, mid)];
         while let Some((start, end)) = pending.pop() {
+            // Each statement is bounded; the split as a whole is not (up to two per row), so
+            // each one counts as progress for the watchdog.
+            progress();
             match self.insert(&rows[start..end], true).await {
                 Ok(n) => stored.inserted += n,
                 Err(e) if e.is_data_error() && end - start == 1 => {
@@ -306,6 +347,48 @@ impl Db {
             }
         }
         Ok(stored)
+    }
+}
+
+impl Db {
+    /// Inserts `reference` with a fresh id, and rolls it back: whether PostgreSQL would accept a
+    /// reading it accepted before. Nothing is stored.
+    async fn probe(&self, reference: &Reading) -> Result<(), DbError> {
+        let probe = Reading {
+            message_id: uuid::Uuid::now_v7(),
+            ..reference.clone()
+        };
+        self.bounded("probe: begin", self.client.batch_execute("BEGIN"))
+            .await?;
+        let inserted = self.insert(std::slice::from_ref(&probe), true).await;
+        self.bounded("probe: roll back", self.client.batch_execute("ROLLBACK"))
+            .await?;
+        inserted.map(|_| ())
+    }
+
+    /// `fut`, or [`DbError::Timeout`] after [`PostgresConfig::statement_limit`].
+    async fn bounded<T>(
+        &self,
+        what: &'static str,
+        fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DbError> {
+        match tokio::time::timeout(self.insert_timeout, fut).await {
+            Ok(result) => result.map_err(DbError::pg(what)),
+            Err(_) => Err(DbError::Timeout(what, self.insert_timeout)),
+        }
+    }
+}
+
+/// A reading any table that holds weather readings accepts, for [`Db::insert_isolating`] until a
+/// real one has been stored.
+pub fn reference_reading() -> Reading {
+    Reading {
+        message_id: uuid::Uuid::nil(),
+        station_id: "reference".into(),
+        temperature: 15.0,
+        humidity: 50.0,
+        pressure: 1013.25,
+        measured_at: Some(time::OffsetDateTime::now_utc()),
     }
 }
 

@@ -55,6 +55,14 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntC
     c
 }
 
+fn blocked_gauge(registry: &Registry) -> IntGauge {
+    int_gauge(
+        registry,
+        "amqp_connection_blocked",
+        "1 while RabbitMQ blocks our publishing connection (a memory or disk alarm).",
+    )
+}
+
 fn register(registry: &Registry, name: &str, c: Box<dyn prometheus::core::Collector>) {
     if let Err(e) = registry.register(c) {
         unreachable_metric(name, e)
@@ -136,6 +144,9 @@ pub struct ConsumerMetrics {
     pub postgres_connection_errors: IntCounter,
     pub last_commit: Gauge,
     pub end_to_end: Histogram,
+    pub refusing_all: IntGauge,
+    pub dead_letters_held: IntGauge,
+    pub blocked: IntGauge,
     process: ProcessMetrics,
     /// Size and duration of the last batch, for the systemd status line (not exported).
     pub last_batch: AtomicU64,
@@ -159,6 +170,9 @@ impl ConsumerMetrics {
             postgres_connection_errors: counter(&r, "postgres_connection_errors_total", "PostgreSQL connections lost or attempts that failed."),
             last_commit: gauge(&r, "consumer_last_commit_timestamp_seconds", "Unix time of the last batch stored and acknowledged."),
             end_to_end: histogram(&r, "consumer_end_to_end_latency_seconds", "Time from a reading's measured_at to the commit that stored it.", end_to_end_buckets()),
+            refusing_all: int_gauge(&r, "consumer_database_refusing_all", "1 while PostgreSQL refuses every reading of a batch and a reading it accepted before (a change to the table); the readings are held and retried."),
+            dead_letters_held: int_gauge(&r, "consumer_dead_letters_held", "Rejected messages that could not be dead-lettered yet; held unacknowledged and retried."),
+            blocked: blocked_gauge(&r),
             process: ProcessMetrics::new(),
             last_batch: AtomicU64::new(0),
             last_batch_micros: AtomicU64::new(0),
@@ -211,6 +225,7 @@ pub struct ProducerMetrics {
     pub confirm_duration: Histogram,
     pub memory: IntGauge,
     pub amqp_connection_errors: IntCounter,
+    pub blocked: IntGauge,
     process: ProcessMetrics,
 }
 
@@ -264,6 +279,7 @@ impl ProducerMetrics {
                 "amqp_connection_errors_total",
                 "RabbitMQ connections lost or attempts that failed.",
             ),
+            blocked: blocked_gauge(&r),
             process: ProcessMetrics::new(),
             registry: r,
         };

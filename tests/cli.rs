@@ -220,6 +220,10 @@ fn shipped_units_leave_room_for_the_default_timeouts() {
         "one attempt at storing a batch must end before the watchdog fires"
     );
     assert!(
+        consumer.retry.longest_pause().as_secs_f64() < seconds("consumer.service", "WatchdogSec"),
+        "the pause between two attempts must end before the watchdog fires"
+    );
+    assert!(
         ProducerConfig::default().shutdown_timeout.as_secs_f64()
             < seconds("producer.service", "TimeoutStopSec")
     );

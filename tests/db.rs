@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use sistema_mensajes::db::Db;
+use sistema_mensajes::db::{reference_reading, Db, DbError};
 use sistema_mensajes::reading::Reading;
 use uuid::Uuid;
 
@@ -30,22 +30,127 @@ async fn rows_already_stored_are_skipped_whichever_insert_runs_first() {
     let rows = readings(30);
 
     // New rows: the plain insert stores them all.
-    let stored = db.insert_isolating(&rows[..10], false).await.unwrap();
+    let stored = db
+        .insert_isolating(&rows[..10], false, &reference_reading(), || ())
+        .await
+        .unwrap();
     assert_eq!((stored.inserted, stored.rejected.len()), (10, 0));
 
     // Ten of these are stored already, and nothing says so (a republished reading, not a
     // redelivery): the plain insert fails on the primary key and the skipping insert takes over.
-    let stored = db.insert_isolating(&rows[..20], false).await.unwrap();
+    let stored = db
+        .insert_isolating(&rows[..20], false, &reference_reading(), || ())
+        .await
+        .unwrap();
     assert_eq!((stored.inserted, stored.rejected.len()), (10, 0));
 
     // A redelivered batch goes straight to the skipping insert.
-    let stored = db.insert_isolating(&rows, true).await.unwrap();
+    let stored = db
+        .insert_isolating(&rows, true, &reference_reading(), || ())
+        .await
+        .unwrap();
     assert_eq!((stored.inserted, stored.rejected.len()), (10, 0));
 
     // The same reading twice in one batch: stored once.
     let fresh = readings(1).remove(0);
     let twice = vec![fresh.clone(), fresh];
-    let stored = db.insert_isolating(&twice, false).await.unwrap();
+    let stored = db
+        .insert_isolating(&twice, false, &reference_reading(), || ())
+        .await
+        .unwrap();
     assert_eq!(stored.inserted, 1);
     assert_eq!(names.rows().await, 31);
+}
+
+/// The class of faults that come from the table, not the readings: every change below refuses
+/// every reading. Each must be reported as systematic (held and retried by the consumer), with
+/// nothing stored and nothing marked as a bad row; once undone, the same batch is stored.
+#[tokio::test]
+async fn a_table_that_refuses_every_reading_is_a_systematic_fault() {
+    let names = Names::new("db-systematic");
+    let cfg = names.consumer_config().postgres;
+    let db = Db::connect(&cfg, None).await.unwrap();
+    let pg = pg_client(&pg_url()).await;
+    let t = format!("{}.weather_logs", names.schema);
+    let f = format!("{}.refuse", names.schema);
+    let faults = [
+        // First, while the table is empty: no stored pressure fits either.
+        (format!("ALTER TABLE {t} ALTER COLUMN pressure TYPE numeric(3,0)"), format!("ALTER TABLE {t} ALTER COLUMN pressure TYPE double precision")),
+        (format!("ALTER TABLE {t} ADD COLUMN site text NOT NULL DEFAULT 'old'; ALTER TABLE {t} ALTER COLUMN site DROP DEFAULT"), format!("ALTER TABLE {t} DROP COLUMN site")),
+        (format!("ALTER TABLE {t} ADD CONSTRAINT c CHECK (temperature > 1000) NOT VALID"), format!("ALTER TABLE {t} DROP CONSTRAINT c")),
+        (format!("CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'closed for maintenance'; END$$; \
+                  CREATE TRIGGER refuse BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {f}()"),
+         format!("DROP TRIGGER refuse ON {t}; DROP FUNCTION {f}()")),
+    ];
+    let mut expected = 0;
+    for (break_it, mend_it) in faults {
+        pg.batch_execute(&break_it).await.unwrap();
+        for (rows, maybe_stored) in [(readings(5), false), (readings(1), true)] {
+            match db
+                .insert_isolating(&rows, maybe_stored, &reference_reading(), || ())
+                .await
+            {
+                Err(DbError::Systematic(_)) => {}
+                other => panic!("{break_it}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            names.rows().await,
+            expected,
+            "{break_it}: nothing stored, the probe neither"
+        );
+        pg.batch_execute(&mend_it).await.unwrap();
+        let stored = db
+            .insert_isolating(&readings(5), false, &reference_reading(), || ())
+            .await
+            .unwrap();
+        assert_eq!(
+            (stored.inserted, stored.rejected.len()),
+            (5, 0),
+            "{mend_it}"
+        );
+        expected += 5;
+    }
+}
+
+/// A rule that refuses some readings only is their fault: they alone are refused (to be
+/// dead-lettered), the rest stored, also when the one refused reading is a batch on its own.
+#[tokio::test]
+async fn a_rule_that_refuses_some_readings_isolates_them() {
+    let names = Names::new("db-one-row");
+    let cfg = names.consumer_config().postgres;
+    let db = Db::connect(&cfg, None).await.unwrap();
+    let pg = pg_client(&pg_url()).await;
+    let t = format!("{}.weather_logs", names.schema);
+    pg.batch_execute(&format!(
+        "ALTER TABLE {t} ADD CONSTRAINT no_bad CHECK (station_id <> 'BAD')"
+    ))
+    .await
+    .unwrap();
+    let mut rows = readings(9);
+    rows[4].station_id = "BAD".into();
+    let stored = db
+        .insert_isolating(&rows, false, &reference_reading(), || ())
+        .await
+        .unwrap();
+    assert_eq!(stored.inserted, 8);
+    assert_eq!(
+        stored.rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![4]
+    );
+    let alone = vec![rows[4].clone()];
+    let stored = db
+        .insert_isolating(&alone, true, &reference_reading(), || ())
+        .await
+        .unwrap();
+    assert_eq!((stored.inserted, stored.rejected.len()), (0, 1));
+    // Every reading of a batch bad, the reference good: still each row's fault.
+    let mut all_bad = readings(3);
+    all_bad.iter_mut().for_each(|r| r.station_id = "BAD".into());
+    let stored = db
+        .insert_isolating(&all_bad, false, &reference_reading(), || ())
+        .await
+        .unwrap();
+    assert_eq!((stored.inserted, stored.rejected.len()), (0, 3));
+    assert_eq!(names.rows().await, 8);
 }

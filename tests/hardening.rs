@@ -11,33 +11,10 @@ use std::time::Duration;
 use common::*;
 use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use sistema_mensajes::config::ConsumerConfig;
-use sistema_mensajes::consumer::{self, Deps};
 use sistema_mensajes::producer::{self, Mode};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-type Running = (Deps, CancellationToken, JoinHandle<()>);
-
-fn start(cfg: ConsumerConfig) -> Running {
-    let deps = Deps::default();
-    let token = CancellationToken::new();
-    let run = tokio::spawn({
-        let (deps, token) = (deps.clone(), token.clone());
-        async move { consumer::run(cfg, deps, token).await.unwrap() }
-    });
-    (deps, token, run)
-}
-
-async fn stop((_, token, run): Running) {
-    token.cancel();
-    tokio::time::timeout(LIMIT, run)
-        .await
-        .expect("the consumer stops")
-        .unwrap();
-}
 
 async fn publish_raw(client: &Client, names: &Names, body: &[u8]) {
     client
@@ -60,7 +37,7 @@ async fn sigterm_during_a_database_outage_leaves_the_unstored_batch_in_the_queue
     let proxy = Proxy::start(target_of(&pg_url())).await;
     let mut cfg = names.consumer_config_via(&amqp_url(), &proxy.url(&pg_url()));
     cfg.batch.max_size = 10; // the 10 readings are one batch, the invalid message the next
-    let first = start(cfg);
+    let first = start_consumer(cfg);
     wait_running(&first.0.health).await;
 
     proxy.cut();
@@ -75,7 +52,7 @@ async fn sigterm_during_a_database_outage_leaves_the_unstored_batch_in_the_queue
     })
     .await;
     let metrics = first.0.metrics.clone();
-    stop(first).await;
+    stop_consumer(first).await;
 
     assert_eq!(names.rows().await, 0);
     assert_eq!(metrics.pending.get(), 0, "nothing pending once stopped");
@@ -86,9 +63,9 @@ async fn sigterm_during_a_database_outage_leaves_the_unstored_batch_in_the_queue
     assert_eq!(client.ready(&names.dead_letter_queue).await, 1);
 
     proxy.restore();
-    let second = start(names.consumer_config());
+    let second = start_consumer(names.consumer_config());
     names.assert_stored_exactly(ids, LIMIT).await;
-    stop(second).await;
+    stop_consumer(second).await;
 }
 
 /// Issue 8, loss 2: the dead-letter exchange (then its queue) disappears under a running
@@ -100,7 +77,7 @@ async fn a_deleted_dead_letter_exchange_or_queue_is_redeclared_and_nothing_is_lo
     names.create_schema().await;
     let client = Client::connect().await;
     names.predeclare_like_the_old_system(&client.channel).await;
-    let running = start(names.consumer_config());
+    let running = start_consumer(names.consumer_config());
     wait_running(&running.0.health).await;
     let metrics = running.0.metrics.clone();
     let mut ids = Vec::new();
@@ -155,7 +132,7 @@ async fn a_deleted_dead_letter_exchange_or_queue_is_redeclared_and_nothing_is_lo
     .await;
     assert_eq!(client.ready(&names.queue).await, 0);
     assert_eq!(metrics.processed.get(), ids.len() as u64);
-    stop(running).await;
+    stop_consumer(running).await;
 }
 
 /// `consumer_pending_messages` counts deliveries received and not settled on a live channel:
@@ -169,7 +146,8 @@ async fn pending_is_exact_through_outages_reconnects_and_shutdown() {
     names.predeclare_like_the_old_system(&client.channel).await;
     let pg = Proxy::start(target_of(&pg_url())).await;
     let broker = Proxy::start(target_of(&amqp_url())).await;
-    let running = start(names.consumer_config_via(&broker.url(&amqp_url()), &pg.url(&pg_url())));
+    let running =
+        start_consumer(names.consumer_config_via(&broker.url(&amqp_url()), &pg.url(&pg_url())));
     let metrics = running.0.metrics.clone();
     wait_running(&running.0.health).await;
 
@@ -218,7 +196,7 @@ async fn pending_is_exact_through_outages_reconnects_and_shutdown() {
         metrics.pending.get() == 30
     })
     .await;
-    stop(running).await;
+    stop_consumer(running).await;
     assert_eq!(metrics.pending.get(), 0);
     wait_until(LIMIT, "the 30 back in the queue", || async {
         client.ready(&names.queue).await == 30
@@ -237,7 +215,7 @@ async fn a_database_connection_that_timed_out_is_replaced() {
     let pg = Proxy::start(target_of(&pg_url())).await;
     let mut cfg = names.consumer_config_via(&amqp_url(), &pg.url(&pg_url()));
     cfg.postgres.statement_timeout = Duration::from_millis(500);
-    let running = start(cfg);
+    let running = start_consumer(cfg);
     wait_running(&running.0.health).await;
     let before = pg.connections();
 
@@ -250,7 +228,7 @@ async fn a_database_connection_that_timed_out_is_replaced() {
         "the insert timed out first"
     );
     assert!(pg.connections() > before, "a new connection was opened");
-    stop(running).await;
+    stop_consumer(running).await;
 }
 
 /// A broker that accepts TCP but never answers the AMQP handshake (and never closes: no real
@@ -268,7 +246,7 @@ async fn a_broker_that_never_finishes_the_handshake_does_not_hang_the_consumer()
             held.push(conn); // accepted, never answered, never closed
         }
     });
-    let running = start(names.consumer_config_via(&url, &pg_url()));
+    let running = start_consumer(names.consumer_config_via(&url, &pg_url()));
     wait_until(LIMIT, "a failed, timed-out attempt", || async {
         running.0.metrics.amqp_connection_errors.get() >= 1
     })
@@ -277,7 +255,7 @@ async fn a_broker_that_never_finishes_the_handshake_does_not_hang_the_consumer()
         running.0.health.phase(),
         sistema_mensajes::health::Phase::WaitingForBroker
     );
-    stop(running).await;
+    stop_consumer(running).await;
     held.abort();
 }
 
@@ -372,7 +350,7 @@ async fn errors_a_retry_cannot_fix_are_named_and_a_role_created_later_is_picked_
     let role = names.schema.clone();
     let mut url = url::Url::parse(&pg_url()).unwrap();
     url.set_username(&role).unwrap();
-    let running = start(names.consumer_config_via(&amqp_url(), url.as_str()));
+    let running = start_consumer(names.consumer_config_via(&amqp_url(), url.as_str()));
     wait_until(LIMIT, "a status naming the credentials", || async {
         running
             .0
@@ -385,7 +363,7 @@ async fn errors_a_retry_cannot_fix_are_named_and_a_role_created_later_is_picked_
 
     let mut missing_db = url::Url::parse(&pg_url()).unwrap();
     missing_db.set_path(&format!("/{}", names.schema));
-    let other = start(names.consumer_config_via(&amqp_url(), missing_db.as_str()));
+    let other = start_consumer(names.consumer_config_via(&amqp_url(), missing_db.as_str()));
     wait_until(LIMIT, "a status naming the missing database", || async {
         other
             .0
@@ -395,7 +373,7 @@ async fn errors_a_retry_cannot_fix_are_named_and_a_role_created_later_is_picked_
             .contains("database does not exist")
     })
     .await;
-    stop(other).await;
+    stop_consumer(other).await;
 
     let admin = pg_client(&pg_url()).await;
     admin
@@ -405,7 +383,7 @@ async fn errors_a_retry_cannot_fix_are_named_and_a_role_created_later_is_picked_
         .await
         .unwrap();
     wait_running(&running.0.health).await;
-    stop(running).await;
+    stop_consumer(running).await;
     admin
         .batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {s} CASCADE; REVOKE CREATE ON DATABASE postgres FROM {role}; DROP ROLE {role};",
@@ -423,7 +401,7 @@ async fn a_schema_named_like_a_keyword_works() {
     names.predeclare_like_the_old_system(&client.channel).await;
     let mut cfg = names.consumer_config();
     cfg.postgres.schema = "user".to_owned().try_into().unwrap();
-    let running = start(cfg);
+    let running = start_consumer(cfg);
     wait_running(&running.0.health).await;
     publish_readings(&client, &names, 3).await;
     let pg = pg_client(&pg_url()).await;
@@ -435,7 +413,7 @@ async fn a_schema_named_like_a_keyword_works() {
         row.get::<_, i64>(0) >= 3
     })
     .await;
-    stop(running).await;
+    stop_consumer(running).await;
     pg.batch_execute("DROP SCHEMA \"user\" CASCADE")
         .await
         .unwrap();

@@ -274,9 +274,13 @@ async fn notify_ready_only_once_the_database_is_reachable_then_status_watchdog_a
 }
 
 /// Timeouts agree with the watchdog: a database that goes silent (connections open, no answer)
-/// fails each attempt within `postgres.connect_timeout + statement_timeout + slack`, below
-/// `WATCHDOG_USEC`, so the pings go on and systemd does not kill a consumer that recovers by
-/// itself once the database answers again.
+/// fails each attempt within `postgres.connect_timeout + statement_timeout + slack`, and the
+/// pause between attempts is at most twice `retry.max_delay`; both below the watchdog, so the
+/// pings go on without a gap and systemd does not kill a consumer that recovers by itself once
+/// the database answers again. Run at the shipped defaults' proportions, a tenth of each
+/// (WatchdogSec=30s, statement_timeout 20 s, connect_timeout 5 s, retry 100 ms to 10 s), for long
+/// enough that the backoff reaches its cap. (Timed from the start of an attempt, an attempt and
+/// the pause after it together outlasted the watchdog: a 30.0 s gap in the pings at full scale.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_database_times_out_within_the_watchdog_and_pings_go_on() {
     let names = Names::new("silent-db");
@@ -284,18 +288,20 @@ async fn a_silent_database_times_out_within_the_watchdog_and_pings_go_on() {
     let proxy = Proxy::start(target_of(&pg_url())).await;
     let notify = NotifyListener::start();
     let mut env = names.consumer_env();
-    env.retain(|(k, _)| k != "CONSUMER_POSTGRES__URL");
-    env.push(("CONSUMER_POSTGRES__URL".into(), proxy.url(&pg_url())));
-    env.push((
-        "CONSUMER_POSTGRES__STATEMENT_TIMEOUT".into(),
-        "500ms".into(),
-    ));
-    env.push(("CONSUMER_POSTGRES__CONNECT_TIMEOUT".into(), "300ms".into()));
+    let tenth = [
+        ("CONSUMER_POSTGRES__URL", proxy.url(&pg_url())),
+        ("CONSUMER_POSTGRES__STATEMENT_TIMEOUT", "2s".into()),
+        ("CONSUMER_POSTGRES__CONNECT_TIMEOUT", "500ms".into()),
+        ("CONSUMER_RETRY__MIN_DELAY", "100ms".into()),
+        ("CONSUMER_RETRY__MAX_DELAY", "1s".into()),
+        ("WATCHDOG_USEC", "3000000".into()),
+    ];
+    env.retain(|(k, _)| !tenth.iter().any(|(t, _)| t == k));
+    env.extend(tenth.map(|(k, v)| (k.to_owned(), v)));
     env.push((
         "NOTIFY_SOCKET".into(),
         notify.path.to_string_lossy().into_owned(),
     ));
-    env.push(("WATCHDOG_USEC".into(), "2000000".into()));
     let mut child = Command::new(CONSUMER)
         .envs(env)
         .stderr(Stdio::piped())
@@ -323,29 +329,34 @@ async fn a_silent_database_times_out_within_the_watchdog_and_pings_go_on() {
             &[(old_reading("S-1", 1.0), props())],
         )
         .await;
-    wait_until(LIMIT, "several failed attempts", || async {
-        log.lock()
-            .unwrap()
-            .matches("Failed to insert batch")
-            .count()
-            >= 1
-            && log.lock().unwrap().contains("timeout")
-    })
-    .await;
     let silent_since = Instant::now();
+    let pings = || {
+        notify
+            .lines()
+            .into_iter()
+            .filter(|(t, l)| *t > silent_since && l == "WATCHDOG=1")
+            .map(|(t, _)| t)
+            .collect::<Vec<_>>()
+    };
+    // 24 pings at 1.5 s: 36 s, past the backoff's cap (about 7 failed attempts in).
     wait_until(
-        LIMIT,
-        "pings throughout three watchdog intervals",
-        || async {
-            notify
-                .lines()
-                .iter()
-                .filter(|(t, l)| *t > silent_since && l == "WATCHDOG=1")
-                .count()
-                >= 6
-        },
+        Duration::from_secs(90),
+        "24 pings while the database is silent",
+        || async { pings().len() >= 24 },
     )
     .await;
+    let gaps: Vec<Duration> = pings().windows(2).map(|w| w[1] - w[0]).collect();
+    let widest = gaps.iter().max().copied().unwrap_or_default();
+    assert!(
+        widest < Duration::from_millis(2500),
+        "a gap of {widest:?} between pings (watchdog 3 s): {gaps:?}"
+    );
+    let failures = log
+        .lock()
+        .unwrap()
+        .matches("Failed to insert batch")
+        .count();
+    assert!(failures >= 3, "several failed attempts, not {failures}");
     assert!(
         !log.lock().unwrap().contains("The pipeline is stuck"),
         "the watchdog would have fired"

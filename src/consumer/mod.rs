@@ -109,6 +109,7 @@ pub async fn run(
             health: health.clone(),
             token: token.clone(),
             error_log: LogLimiter::new(5, Duration::from_secs(10)),
+            reference: crate::db::reference_reading(),
         }
         .run(rx)
         .instrument(info_span!("insert_batch")),

@@ -46,6 +46,9 @@ pub struct Writer {
     pub token: CancellationToken,
     pub dead_letter: DeadLetter,
     pub error_log: LogLimiter,
+    /// A reading PostgreSQL accepted (the last batch's first stored one), to tell a refusal of
+    /// one row from a refusal of all: see [`Db::insert_isolating`].
+    pub reference: Reading,
 }
 
 impl Writer {
@@ -184,12 +187,21 @@ impl Writer {
                     self.metrics
                         .duplicates
                         .inc_by(accepted.saturating_sub(stored.inserted));
+                    self.metrics.refusing_all.set(0);
                     self.health.set_problem(None);
                     let mut refused = stored.rejected;
                     refused.sort_by_key(|(i, _)| *i);
+                    if let Some(ok) = (0..rows.len())
+                        .find(|i| refused.binary_search_by_key(i, |(r, _)| *r).is_err())
+                    {
+                        self.reference.clone_from(&rows[ok]);
+                    }
                     return Some(refused);
                 }
                 Err(e) => {
+                    self.metrics
+                        .refusing_all
+                        .set(i64::from(matches!(e, DbError::Systematic(_))));
                     // A connection that failed or timed out may be dead or mid-statement: never
                     // reuse it. The next attempt connects afresh.
                     self.db = None;
@@ -202,6 +214,10 @@ impl Writer {
                             error!(message = "Failed to insert batch, and not because PostgreSQL is away; will retry.", error = %e, error_type = e.error_type(), stage = "sending", batch_size = rows.len(), suppressed);
                         }
                     }
+                    // The attempt ended: progress, and the pause is a healthy wait. (Counted from
+                    // the attempt's start instead, an attempt and a pause together outlasted the
+                    // watchdog with the shipped defaults.)
+                    self.health.work_started();
                     if self.token.is_cancelled() || !retry::pause(&mut delays, &self.token).await {
                         warn!(
                             message = "Shutting down with a batch not stored; the broker will redeliver it.",
@@ -233,7 +249,14 @@ impl Writer {
                 db
             }
         };
-        let result = db.insert_isolating(rows, maybe_stored).await;
+        // Connected: progress. So is every statement of the insert.
+        self.health.work_started();
+        let health = &self.health;
+        let result = db
+            .insert_isolating(rows, maybe_stored, &self.reference, || {
+                health.work_started()
+            })
+            .await;
         self.db = Some(db);
         result
     }

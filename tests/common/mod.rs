@@ -633,3 +633,32 @@ pub fn assert_all_confirmed(summary: sistema_mensajes::producer::Summary, n: u64
         }
     );
 }
+
+/// A consumer running in-process: its deps, its token, and its task.
+pub type Running = (
+    sistema_mensajes::consumer::Deps,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+);
+
+pub fn start_consumer(cfg: ConsumerConfig) -> Running {
+    let deps = sistema_mensajes::consumer::Deps::default();
+    let token = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let (deps, token) = (deps.clone(), token.clone());
+        async move {
+            sistema_mensajes::consumer::run(cfg, deps, token)
+                .await
+                .unwrap()
+        }
+    });
+    (deps, token, run)
+}
+
+pub async fn stop_consumer((_, token, run): Running) {
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the consumer stops")
+        .unwrap();
+}
