@@ -21,6 +21,43 @@ pub enum AmqpError {
     Lapin(#[from] lapin::Error),
     #[error("no answer from RabbitMQ within {0:?}")]
     Timeout(std::time::Duration),
+    #[error("RabbitMQ blocks publishers (a memory or disk alarm)")]
+    Blocked,
+}
+
+/// How often a write waiting on a blocked connection says it is alive.
+const BLOCKED_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Awaits a write (a publish, whose frames lapin's io loop sends) on `conn`. While RabbitMQ
+/// blocks the connection (`connection.blocked`: a memory or disk alarm) nothing is written, and
+/// waiting is healthy: `alive` is called every second and the wait goes on, until the broker
+/// unblocks it or `token` is cancelled ([`AmqpError::Blocked`]). Otherwise the wait is bounded by
+/// [`BROKER_TIMEOUT`].
+pub async fn write<T>(
+    conn: &lapin::ConnectionStatus,
+    fut: impl std::future::Future<Output = lapin::Result<T>>,
+    alive: impl Fn(),
+    token: &tokio_util::sync::CancellationToken,
+) -> Result<T, AmqpError> {
+    let mut fut = std::pin::pin!(fut);
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        tokio::select! {
+            result = &mut fut => return Ok(result?),
+            _ = token.cancelled(), if conn.blocked() => return Err(AmqpError::Blocked),
+            _ = tokio::time::sleep(BLOCKED_TICK) => {
+                if conn.blocked() {
+                    alive();
+                    waited = std::time::Duration::ZERO;
+                } else {
+                    waited += BLOCKED_TICK;
+                    if waited >= BROKER_TIMEOUT {
+                        return Err(AmqpError::Timeout(BROKER_TIMEOUT));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `fut`, or [`AmqpError::Timeout`] after [`BROKER_TIMEOUT`].
@@ -150,15 +187,36 @@ pub async fn declare_dead_letter(ch: &Channel, cfg: &AmqpConfig) -> lapin::Resul
     Ok(())
 }
 
-/// Properties for the dead-letter copy of a message: the original properties, persistent, with
-/// headers saying why (`x-rejection-reason`, `x-rejection-detail`) and where it came from.
+/// Headers of a dead letter beyond which the original's are dropped: with ours added they must
+/// fit in one frame (RabbitMQ never splits a content header), and they are only kept for the
+/// operator's information.
+pub const DEAD_LETTER_HEADER_BYTES: usize = 4096;
+
+/// Properties for the dead-letter copy of a message: persistent, with headers saying why
+/// (`x-rejection-reason`, `x-rejection-detail`) and where it came from. Built from an allowlist
+/// of the original's properties: not `user_id` (the broker refuses a publish whose `user_id` is
+/// not the publishing user's, closing the channel) nor `expiration` (the copy would vanish from
+/// the dead-letter queue; RabbitMQ's own dead-lettering drops it too). The original headers are
+/// kept while they are small ([`DEAD_LETTER_HEADER_BYTES`]); larger ones are dropped, and
+/// `x-original-headers-dropped` says so.
 pub fn dead_letter_properties(
     original: &BasicProperties,
     rejection: &Rejection,
     exchange: &ShortString,
     routing_key: &ShortString,
 ) -> BasicProperties {
-    let mut headers = original.headers().clone().unwrap_or_default();
+    let kept = original
+        .headers()
+        .clone()
+        .filter(|h| header_bytes(h) <= DEAD_LETTER_HEADER_BYTES);
+    let dropped = original.headers().is_some() && kept.is_none();
+    let mut headers = kept.unwrap_or_default();
+    if dropped {
+        headers.insert(
+            "x-original-headers-dropped".into(),
+            AMQPValue::Boolean(true),
+        );
+    }
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
     headers.insert("x-rejection-reason".into(), text(rejection.reason.as_str()));
     headers.insert("x-rejection-detail".into(), text(&rejection.detail));
@@ -173,10 +231,50 @@ pub fn dead_letter_properties(
                 .unsigned_abs(),
         ),
     );
-    original
-        .clone()
+    let mut props = BasicProperties::default()
         .with_headers(headers)
-        .with_delivery_mode(PERSISTENT)
+        .with_delivery_mode(PERSISTENT);
+    if let Some(v) = original.content_type() {
+        props = props.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        props = props.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        props = props.with_message_id(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        props = props.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        props = props.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        props = props.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        props = props.with_app_id(v.clone());
+    }
+    props
+}
+
+/// Roughly how many bytes `headers` take on the wire (an upper bound for strings and bytes).
+fn header_bytes(headers: &FieldTable) -> usize {
+    fn value(v: &AMQPValue) -> usize {
+        match v {
+            AMQPValue::LongString(s) => s.as_bytes().len() + 5,
+            AMQPValue::ShortString(s) => s.as_str().len() + 2,
+            AMQPValue::ByteArray(b) => b.as_slice().len() + 5,
+            AMQPValue::FieldTable(t) => header_bytes(t) + 5,
+            AMQPValue::FieldArray(a) => a.as_slice().iter().map(value).sum::<usize>() + 5,
+            _ => 9,
+        }
+    }
+    headers
+        .inner()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + 1 + value(v))
+        .sum()
 }
 
 /// Reads a string header (as RabbitMQ stores them: long strings).

@@ -178,6 +178,12 @@ impl Pacer {
     }
 }
 
+/// What a write needs to wait well: the connection's state (blocked or not) and shutdown.
+struct Writing<'a> {
+    conn: &'a lapin::ConnectionStatus,
+    token: &'a CancellationToken,
+}
+
 type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
 
 /// The state that outlives a connection.
@@ -283,7 +289,7 @@ impl Publisher {
             );
             health.set_problem(None);
             health.set_phase(Phase::Running);
-            match self.session(&channel, health, token).await {
+            match self.session(&conn, &channel, health, token).await {
                 Ok(()) => {
                     amqp::close(&conn, "producer stopping").await;
                     return;
@@ -304,10 +310,11 @@ impl Publisher {
     /// unconfirmed reading is back in the retry queue.
     async fn session(
         &mut self,
+        conn: &Connection,
         channel: &Channel,
         health: &Health,
         token: &CancellationToken,
-    ) -> lapin::Result<()> {
+    ) -> Result<(), amqp::AmqpError> {
         let window = self.cfg.simulation.confirm_window;
         // Sized once for the whole window: growing it in steps would hold the old and the new
         // table at once, each time.
@@ -318,14 +325,22 @@ impl Publisher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let stopping = token.is_cancelled();
+            let blocked = conn.status().blocked();
+            report_blocked(&self.metrics, health, blocked);
+            // While the broker blocks us, publishing would only queue frames lapin cannot send.
+            let writing = Writing {
+                conn: conn.status(),
+                token,
+            };
             if let Err(e) = self
                 .fill(
                     channel,
+                    &writing,
                     &mut inflight,
                     &mut confirms,
                     &mut seq,
                     window,
-                    stopping,
+                    stopping || blocked,
                 )
                 .await
             {
@@ -339,7 +354,14 @@ impl Publisher {
             {
                 break Ok(());
             }
+            if stopping && blocked {
+                // No confirm can come while the broker blocks us: stop with them unconfirmed.
+                self.retry.extend(inflight.drain().map(|(_, (msg, _))| msg));
+                break Ok(());
+            }
             tokio::select! {
+                // Confirms first: at shutdown, one already in must not be taken for missing.
+                biased;
                 Some(first) = confirms.next() => {
                     // The broker confirms in runs (`multiple`): settle every one already in before
                     // publishing again, rather than one per turn of the loop.
@@ -359,7 +381,7 @@ impl Publisher {
                         next = confirms.next().now_or_never().flatten();
                     }
                     if let Some(e) = failed {
-                        break Err(e);
+                        break Err(e.into());
                     }
                 }
                 _ = tick.tick() => {
@@ -369,7 +391,7 @@ impl Publisher {
                         break Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
                             lapin::ChannelState::Closed,
                             "the channel closed with confirms outstanding",
-                        )));
+                        )).into());
                     }
                 }
                 _ = token.cancelled(), if !stopping => {
@@ -390,15 +412,17 @@ impl Publisher {
     }
 
     /// Publishes retries that are due, then new readings that are due, while the window has room.
+    #[allow(clippy::too_many_arguments)]
     async fn fill(
         &mut self,
         channel: &Channel,
+        writing: &Writing<'_>,
         inflight: &mut HashMap<u64, (Outgoing, Instant)>,
         confirms: &mut FuturesUnordered<ConfirmFuture>,
         seq: &mut u64,
         window: usize,
         stopping: bool,
-    ) -> lapin::Result<()> {
+    ) -> Result<(), amqp::AmqpError> {
         if stopping {
             return Ok(());
         }
@@ -434,7 +458,7 @@ impl Publisher {
                 break;
             }
             room -= burst.len();
-            self.publish(channel, burst, inflight, confirms, seq)
+            self.publish(channel, writing, burst, inflight, confirms, seq)
                 .await?;
         }
         Ok(())
@@ -449,11 +473,12 @@ impl Publisher {
     async fn publish(
         &mut self,
         channel: &Channel,
+        writing: &Writing<'_>,
         burst: Vec<Outgoing>,
         inflight: &mut HashMap<u64, (Outgoing, Instant)>,
         confirms: &mut FuturesUnordered<ConfirmFuture>,
         seq: &mut u64,
-    ) -> lapin::Result<()> {
+    ) -> Result<(), amqp::AmqpError> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -471,10 +496,16 @@ impl Publisher {
             writes.push((write, polled));
         }
         let mut written = Vec::with_capacity(writes.len());
+        let (health, metrics) = (self.health.clone(), self.metrics.clone());
+        let alive = || {
+            report_blocked(&metrics, &health, true);
+            health.beat();
+        };
         for (write, polled) in writes {
             written.push(match polled {
-                Poll::Ready(result) => result,
-                Poll::Pending => write.await,
+                Poll::Ready(result) => result.map_err(amqp::AmqpError::from),
+                // Bounded; while the broker blocks the connection, waiting is healthy.
+                Poll::Pending => amqp::write(writing.conn, write, alive, writing.token).await,
             });
         }
         let mut failed = None;
@@ -573,6 +604,28 @@ impl Publisher {
             );
         }
         self.retry.push_back(msg);
+    }
+}
+
+/// Whether RabbitMQ blocks the connection (`connection.blocked`), in the gauge, the status line
+/// and the log; does nothing if that is known already.
+fn report_blocked(metrics: &ProducerMetrics, health: &Health, blocked: bool) {
+    if (metrics.blocked.get() == 1) == blocked {
+        return;
+    }
+    metrics.blocked.set(i64::from(blocked));
+    if blocked {
+        warn!(
+            message = "RabbitMQ blocks publishers (a memory or disk alarm); publishing waits.",
+            error_type = "blocked",
+            stage = "sending"
+        );
+        health.set_problem(Some(
+            "RabbitMQ blocks publishers: memory or disk alarm".into(),
+        ));
+    } else {
+        info!("RabbitMQ accepts publishes again.");
+        health.set_problem(None);
     }
 }
 

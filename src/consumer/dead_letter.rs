@@ -4,13 +4,20 @@
 //! nack, a closed channel) the messages are held, unacknowledged, and retried with backoff on a
 //! reopened channel after redeclaring the dead-letter exchange and queue; valid readings keep
 //! flowing meanwhile, since settlement acknowledges only exact tags behind a held one.
+//!
+//! Dead letters go out on a connection of their own. RabbitMQ blocks a connection that publishes
+//! during a memory or disk alarm, and lapin then writes nothing on it, acknowledgements included:
+//! publishing on the consuming connection would stop the acks that drain the queue, which is
+//! what clears the alarm. Every publish and the confirms are bounded; while the broker blocks
+//! the dead-letter connection, nothing is tried and the messages stay held (visible in
+//! `consumer_dead_letters_held`, `amqp_connection_blocked` and the status line).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tracing::{error, info, warn};
 
 use super::settle::Link;
@@ -19,6 +26,7 @@ use crate::config::{AmqpConfig, RetryConfig};
 use crate::metrics::ConsumerMetrics;
 use crate::reading::Rejection;
 use crate::retry;
+use crate::secret::Secret;
 use crate::telemetry::LogLimiter;
 
 /// The bytes and properties of a delivery, kept until it is settled (to dead-letter it).
@@ -60,8 +68,10 @@ enum DeadLetterError {
 pub struct DeadLetter {
     cfg: AmqpConfig,
     retry_cfg: RetryConfig,
-    /// The confirm channel and the link it belongs to.
-    channel: Option<(Arc<Link>, Channel)>,
+    uri: Secret,
+    /// The dead-letter connection, and its confirm channel.
+    conn: Option<Connection>,
+    channel: Option<Channel>,
     /// Messages not yet in the dead-letter queue, all of one link, unacknowledged.
     held: Vec<Invalid>,
     held_link: Option<Arc<Link>>,
@@ -73,11 +83,13 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    pub fn new(cfg: AmqpConfig, retry_cfg: RetryConfig) -> Self {
+    pub fn new(cfg: AmqpConfig, retry_cfg: RetryConfig, uri: Secret) -> Self {
         Self {
             delays: Box::new(retry::delays(&retry_cfg)),
             cfg,
             retry_cfg,
+            uri,
+            conn: None,
             channel: None,
             held: Vec::new(),
             held_link: None,
@@ -126,14 +138,14 @@ impl DeadLetter {
         if self.held.is_empty() || backing_off {
             return Vec::new();
         }
-        self.attempt(link, metrics).await
+        self.attempt(metrics).await
     }
 
     /// Tries the held messages again. Returns their link and the tags to settle.
     pub async fn retry(&mut self, metrics: &ConsumerMetrics) -> Option<(Arc<Link>, Vec<u64>)> {
         self.forget_released();
         let link = self.held_link.clone()?;
-        let tags = self.attempt(&link, metrics).await;
+        let tags = self.attempt(metrics).await;
         Some((link, tags))
     }
 
@@ -144,9 +156,11 @@ impl DeadLetter {
         }
     }
 
-    async fn attempt(&mut self, link: &Arc<Link>, metrics: &ConsumerMetrics) -> Vec<u64> {
+    async fn attempt(&mut self, metrics: &ConsumerMetrics) -> Vec<u64> {
         let items = std::mem::take(&mut self.held);
-        let (done, failed, error) = self.publish(link, items).await;
+        let (done, failed, error) = self.publish(items).await;
+        let blocked = self.conn.as_ref().is_some_and(|c| c.status().blocked());
+        metrics.blocked.set(i64::from(blocked));
         let now = Instant::now();
         for item in &done {
             metrics
@@ -165,6 +179,7 @@ impl DeadLetter {
             }
         }
         self.held = failed;
+        metrics.dead_letters_held.set(self.held.len() as i64);
         match error {
             None => {
                 if self.failing {
@@ -175,7 +190,11 @@ impl DeadLetter {
                 self.retry_at = None;
             }
             Some(e) => {
-                self.channel = None;
+                if !matches!(e, DeadLetterError::Amqp(AmqpError::Blocked)) {
+                    // Blocked, the connection is fine and will be unblocked; anything else may
+                    // have left the channel unusable.
+                    self.channel = None;
+                }
                 self.failing = true;
                 let delay = self.delays.next().unwrap_or(Duration::from_secs(1));
                 self.retry_at = Some(tokio::time::Instant::now() + delay);
@@ -188,15 +207,18 @@ impl DeadLetter {
     }
 
     /// Publishes `items` and waits for their confirms: (confirmed, not confirmed, first error).
+    /// Each publish is bounded, and so are the confirms, together.
     async fn publish(
         &mut self,
-        link: &Arc<Link>,
         items: Vec<Invalid>,
     ) -> (Vec<Invalid>, Vec<Invalid>, Option<DeadLetterError>) {
-        let channel = match self.channel(link).await {
+        let channel = match self.channel().await {
             Ok(ch) => ch,
             Err(e) => return (Vec::new(), items, Some(e)),
         };
+        if self.conn.as_ref().is_some_and(|c| c.status().blocked()) {
+            return (Vec::new(), items, Some(AmqpError::Blocked.into()));
+        }
         let exchange = self.cfg.dead_letter_exchange.as_str();
         let mut error = None;
         let mut confirms = Vec::with_capacity(items.len());
@@ -211,10 +233,9 @@ impl DeadLetter {
                 mandatory: true,
                 ..BasicPublishOptions::default()
             };
-            match channel
-                .basic_publish(exchange.into(), "".into(), options, &item.raw.data, props)
-                .await
-            {
+            let publish =
+                channel.basic_publish(exchange.into(), "".into(), options, &item.raw.data, props);
+            match amqp::bounded(publish).await {
                 Ok(confirm) => confirms.push(confirm),
                 Err(e) => {
                     error = Some(e.into());
@@ -222,9 +243,21 @@ impl DeadLetter {
                 }
             }
         }
-        let mut confirmed = Vec::with_capacity(confirms.len());
-        for confirm in confirms {
-            let outcome = match amqp::bounded(confirm).await {
+        let outcomes = match tokio::time::timeout(
+            amqp::BROKER_TIMEOUT,
+            futures_util::future::join_all(confirms),
+        )
+        .await
+        {
+            Ok(outcomes) => outcomes,
+            Err(_) => {
+                error.get_or_insert(AmqpError::Timeout(amqp::BROKER_TIMEOUT).into());
+                Vec::new()
+            }
+        };
+        let mut confirmed = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            let outcome = match outcome {
                 Ok(Confirmation::Ack(None)) => Ok(()),
                 Ok(Confirmation::Ack(Some(returned))) => Err(DeadLetterError::Unroutable(format!(
                     "{} {}",
@@ -249,22 +282,38 @@ impl DeadLetter {
         (strip(done), strip(failed), error)
     }
 
-    /// The confirm channel for `link`, opened (and the dead-letter exchange and queue declared)
-    /// if there is none or the last one failed.
-    async fn channel(&mut self, link: &Arc<Link>) -> Result<Channel, DeadLetterError> {
-        if let Some((l, ch)) = &self.channel {
-            if Arc::ptr_eq(l, link) && ch.status().connected() {
+    /// The confirm channel on the dead-letter connection, opened (with the connection if it is
+    /// gone, and the dead-letter exchange and queue declared) if there is none or it failed.
+    async fn channel(&mut self) -> Result<Channel, DeadLetterError> {
+        if let Some(ch) = &self.channel {
+            if ch.status().connected() {
                 return Ok(ch.clone());
             }
         }
+        if !self.conn.as_ref().is_some_and(|c| c.status().connected()) {
+            let name = "sistema-mensajes consumer dead letters";
+            self.conn = Some(amqp::bounded(amqp::connect(&self.uri, name)).await?);
+        }
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or(AmqpError::Timeout(amqp::BROKER_TIMEOUT))?;
         let cfg = &self.cfg;
         let ch = amqp::bounded(async {
-            let ch = amqp::confirm_channel(&link.conn).await?;
+            let ch = amqp::confirm_channel(conn).await?;
             amqp::declare_dead_letter(&ch, cfg).await?;
             Ok(ch)
         })
         .await?;
-        self.channel = Some((link.clone(), ch.clone()));
+        self.channel = Some(ch.clone());
         Ok(ch)
+    }
+
+    /// Closes the dead-letter connection (bounded).
+    pub async fn close(&mut self) {
+        self.channel = None;
+        if let Some(conn) = self.conn.take() {
+            amqp::close(&conn, "consumer stopping").await;
+        }
     }
 }

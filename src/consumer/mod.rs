@@ -102,7 +102,7 @@ pub async fn run(
     let writer = tracker.spawn(
         Writer {
             db: Some(db),
-            dead_letter: DeadLetter::new(cfg.amqp.clone(), cfg.retry.clone()),
+            dead_letter: DeadLetter::new(cfg.amqp.clone(), cfg.retry.clone(), amqp_uri.clone()),
             cfg: cfg.clone(),
             password: pg_password,
             metrics: metrics.clone(),
@@ -444,7 +444,7 @@ pub fn status_line(metrics: &ConsumerMetrics, health: &Health) -> String {
         ),
         Phase::Stopping => "stopping: storing and acknowledging what is in hand".into(),
         Phase::Running => format!(
-            "stored {} readings, {:.0}/s, last batch {} in {} ms, {} pending, {} rejected, {}",
+            "stored {} readings, {:.0}/s, last batch {} in {} ms, {} pending, {} rejected, {}{}",
             metrics.processed.get(),
             metrics.per_second.get(),
             metrics.last_batch.load(Ordering::Relaxed),
@@ -455,6 +455,13 @@ pub fn status_line(metrics: &ConsumerMetrics, health: &Health) -> String {
                 .map(|r| metrics.rejected.with_label_values(&[r.as_str()]).get())
                 .sum::<u64>(),
             problem.as_deref().unwrap_or("database ok"),
+            match (metrics.dead_letters_held.get(), metrics.blocked.get()) {
+                (0, _) => String::new(),
+                (held, 1) => format!(
+                    ", {held} held for the dead-letter queue: RabbitMQ blocks publishers (memory or disk alarm)"
+                ),
+                (held, _) => format!(", {held} held: dead-lettering fails"),
+            },
         ),
     }
 }

@@ -56,6 +56,7 @@ impl Tags {
             return Vec::new();
         }
         let mut multiple = None;
+        let mut new = Vec::new();
         for tag in tags {
             if tag == self.floor + 1 && self.above.is_empty() {
                 // The usual case, a batch in delivery order: the prefix just grows.
@@ -64,6 +65,7 @@ impl Tags {
                 multiple = Some(tag);
             } else if tag > self.floor && !self.above.contains_key(&tag) {
                 self.above.insert(tag, false);
+                new.push(tag);
                 self.settled += 1;
             }
         }
@@ -77,9 +79,15 @@ impl Tags {
         if let Some(tag) = multiple {
             acks.push(Ack::UpTo(tag));
         }
-        for (tag, acked) in self.above.iter_mut().filter(|(_, acked)| !**acked) {
-            *acked = true;
-            acks.push(Ack::One(*tag));
+        // Only the tags this call added can be unacknowledged (every earlier call acked its own),
+        // so look at those, not at the whole map: behind a held tag the map grows to the
+        // prefetch, and scanning it on every settle was quadratic.
+        new.sort_unstable();
+        for tag in new {
+            if let Some(acked) = self.above.get_mut(&tag) {
+                *acked = true;
+                acks.push(Ack::One(tag));
+            }
         }
         acks
     }
@@ -135,9 +143,10 @@ impl Link {
         self.books(|t| t.is_released())
     }
 
-    /// Settles `tags` and sends the acknowledgements that makes possible. On an error the
-    /// channel is gone: the link is released and the broker redelivers what was not acked.
-    pub async fn settle(&self, tags: &[u64]) -> Result<(), lapin::Error> {
+    /// Settles `tags` and sends the acknowledgements that makes possible, each bounded. On an
+    /// error the channel is gone, or the broker stopped answering: the link is released (and
+    /// closed, so the reader reconnects) and the broker redelivers what was not acked.
+    pub async fn settle(&self, tags: &[u64]) -> Result<(), amqp::AmqpError> {
         let acks = self.books(|t| {
             let before = t.settled;
             let acks = t.settle(tags.iter().copied());
@@ -149,12 +158,9 @@ impl Link {
                 Ack::UpTo(tag) => (tag, true),
                 Ack::One(tag) => (tag, false),
             };
-            if let Err(e) = self
-                .channel
-                .basic_ack(tag, BasicAckOptions { multiple })
-                .await
-            {
-                self.release();
+            let ack = self.channel.basic_ack(tag, BasicAckOptions { multiple });
+            if let Err(e) = amqp::bounded(ack).await {
+                self.close("acknowledgement failed").await;
                 return Err(e);
             }
         }

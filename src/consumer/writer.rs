@@ -72,6 +72,7 @@ impl Writer {
                 }
             }
         }
+        self.dead_letter.close().await;
         if self.dead_letter.holding() > 0 {
             warn!(
                 message =
