@@ -56,15 +56,22 @@ async fn sigterm_during_a_database_outage_leaves_the_unstored_batch_in_the_queue
 
     assert_eq!(names.rows().await, 0);
     assert_eq!(metrics.pending.get(), 0, "nothing pending once stopped");
+    // The invalid message is dead-lettered if it was a batch of its own; if the reader cut the
+    // readings into two batches (a pause of a millisecond under load does), it may share the
+    // second with some of them, and is then back in the queue with them, unsettled.
     wait_until(LIMIT, "the 10 readings back in the queue", || async {
-        client.ready(&names.queue).await == 10
+        let queued = client.ready(&names.queue).await;
+        queued >= 10 && queued + client.ready(&names.dead_letter_queue).await == 11
     })
     .await;
-    assert_eq!(client.ready(&names.dead_letter_queue).await, 1);
 
     proxy.restore();
     let second = start_consumer(names.consumer_config());
     names.assert_stored_exactly(ids, LIMIT).await;
+    wait_until(LIMIT, "the invalid message dead-lettered once", || async {
+        client.ready(&names.dead_letter_queue).await == 1
+    })
+    .await;
     stop_consumer(second).await;
 }
 
