@@ -23,6 +23,47 @@ pub enum AmqpError {
     Timeout(std::time::Duration),
     #[error("RabbitMQ blocks publishers (a memory or disk alarm)")]
     Blocked,
+    /// RabbitMQ refused to declare or bind one of our objects.
+    #[error("cannot declare {what}: {source}")]
+    Declare {
+        what: String,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl AmqpError {
+    /// RabbitMQ refuses our topology (PRECONDITION_FAILED: an object exists with other
+    /// arguments; ACCESS_REFUSED: no permission): waiting alone will not mend it.
+    pub fn is_refusal(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+        match self {
+            AmqpError::Declare { source, .. } => matches!(
+                source.kind(),
+                lapin::ErrorKind::ProtocolError(e) if matches!(
+                    e.kind(),
+                    AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED)
+                )
+            ),
+            _ => false,
+        }
+    }
+
+    /// For the status line.
+    pub fn problem(&self) -> String {
+        match self.is_refusal() {
+            true => format!("RabbitMQ refuses our topology: {self}"),
+            false => format!("broker unreachable: {self}"),
+        }
+    }
+}
+
+/// `what` for the errors of a declare.
+fn declaring(what: impl FnOnce() -> String) -> impl FnOnce(lapin::Error) -> AmqpError {
+    move |source| AmqpError::Declare {
+        what: what(),
+        source,
+    }
 }
 
 /// How often a write waiting on a blocked connection says it is alive.
@@ -61,11 +102,11 @@ pub async fn write<T>(
 }
 
 /// `fut`, or [`AmqpError::Timeout`] after [`BROKER_TIMEOUT`].
-pub async fn bounded<T>(
-    fut: impl std::future::Future<Output = lapin::Result<T>>,
+pub async fn bounded<T, E: Into<AmqpError>>(
+    fut: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, AmqpError> {
     match tokio::time::timeout(BROKER_TIMEOUT, fut).await {
-        Ok(r) => Ok(r?),
+        Ok(r) => r.map_err(Into::into),
         Err(_) => Err(AmqpError::Timeout(BROKER_TIMEOUT)),
     }
 }
@@ -82,21 +123,47 @@ pub const PERSISTENT: u8 = 2;
 
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
-/// Largest AMQP frame we ask for unless the URL says otherwise (`?frame_max=`). lapin keeps
-/// 32 frames of buffer each way, so RabbitMQ's default of 128 KiB would cost 8 MiB of resident
-/// memory per connection; readings are a few hundred bytes, and larger bodies are simply split
-/// into more frames.
-pub const FRAME_MAX: u32 = 16 * 1024;
+/// Largest AMQP frame we ask for unless the URL says otherwise (`?frame_max=`): RabbitMQ's own
+/// default, 128 KiB. The broker never splits a content header (the properties and headers of a
+/// message), so a message another client published with more headers than our frame size made
+/// lapin close the connection with FRAME_ERROR, and the message was redelivered forever at the
+/// head of the queue. With the broker's own maximum, any message the broker accepted fits.
+/// (16 KiB was chosen for memory: lapin sizes its buffers by the frame size.)
+pub const FRAME_MAX: u32 = 128 * 1024;
 
 /// Connects; `name` shows in the RabbitMQ management UI. The URI holds the password: never log it.
 pub async fn connect(uri: &Secret, name: &str) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let mut uri: lapin::uri::AMQPUri = uri.expose().parse().map_err(|e: String| {
+    let uri = parse_uri(uri.expose()).map_err(|e| {
         let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
         lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(invalid)))
     })?;
-    uri.query.frame_max.get_or_insert(FRAME_MAX);
     Connection::connect_uri(uri, props).await
+}
+
+/// The URI lapin connects with. amq-protocol-uri takes the host from `Url::domain()`, which is
+/// `None` for an IP literal, and then falls back to `localhost`: `amqp://u:p@[2001:db8::1]/` and
+/// `amqp://u:p@10.0.0.5/` would send the password to whatever listens on the local port. The
+/// host is taken from the URL's `host()` instead (an IPv6 address without its brackets, as the
+/// socket address parser wants it). The error never holds the URI.
+pub fn parse_uri(s: &str) -> Result<lapin::uri::AMQPUri, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => percent_decode(d),
+        Some(url::Host::Ipv4(a)) => a.to_string(),
+        Some(url::Host::Ipv6(a)) => a.to_string(),
+        None => return Err("the URL names no host".into()),
+    };
+    let mut uri: lapin::uri::AMQPUri = s.parse().map_err(|_| "not an AMQP URL".to_owned())?;
+    uri.authority.host = host;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    Ok(uri)
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("h={s}").as_bytes())
+        .next()
+        .map_or_else(|| s.to_owned(), |(_, v)| v.into_owned())
 }
 
 /// A channel in publisher-confirm mode.
@@ -133,28 +200,45 @@ pub async fn declare_topology(
     ch: &Channel,
     cfg: &AmqpConfig,
     dead_letter: bool,
-) -> lapin::Result<()> {
+) -> Result<(), AmqpError> {
+    let (exchange, queue) = (cfg.exchange.as_str(), cfg.queue.as_str());
     ch.exchange_declare(
-        cfg.exchange.as_str().into(),
+        exchange.into(),
         ExchangeKind::Direct,
         durable_exchange(),
         FieldTable::default(),
     )
-    .await?;
+    .await
+    .map_err(declaring(|| {
+        format!("exchange `{exchange}` (direct, durable)")
+    }))?;
     ch.queue_declare(
-        cfg.queue.as_str().into(),
+        queue.into(),
         QueueDeclareOptions::durable(),
         queue_arguments(cfg.queue_type),
     )
-    .await?;
+    .await
+    .map_err(declaring(|| {
+        let args = match cfg.queue_type {
+            QueueType::Quorum => "x-queue-type=quorum",
+            QueueType::Classic => "no arguments",
+        };
+        format!("queue `{queue}` (durable, {args}; amqp.queue_type)")
+    }))?;
     ch.queue_bind(
-        cfg.queue.as_str().into(),
-        cfg.exchange.as_str().into(),
+        queue.into(),
+        exchange.into(),
         cfg.routing_key.as_str().into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
-    .await?;
+    .await
+    .map_err(declaring(|| {
+        format!(
+            "the binding of `{queue}` to `{exchange}` with key `{}`",
+            cfg.routing_key.as_str()
+        )
+    }))?;
     if dead_letter {
         declare_dead_letter(ch, cfg).await?;
     }
@@ -162,28 +246,41 @@ pub async fn declare_topology(
 }
 
 /// Declares, idempotently, the fanout dead-letter exchange and its queue, bound together.
-pub async fn declare_dead_letter(ch: &Channel, cfg: &AmqpConfig) -> lapin::Result<()> {
+pub async fn declare_dead_letter(ch: &Channel, cfg: &AmqpConfig) -> Result<(), AmqpError> {
+    let (exchange, queue) = (
+        cfg.dead_letter_exchange.as_str(),
+        cfg.dead_letter_queue.as_str(),
+    );
     ch.exchange_declare(
-        cfg.dead_letter_exchange.as_str().into(),
+        exchange.into(),
         ExchangeKind::Fanout,
         durable_exchange(),
         FieldTable::default(),
     )
-    .await?;
+    .await
+    .map_err(declaring(|| {
+        format!("dead-letter exchange `{exchange}` (fanout, durable)")
+    }))?;
     ch.queue_declare(
-        cfg.dead_letter_queue.as_str().into(),
+        queue.into(),
         QueueDeclareOptions::durable(),
         FieldTable::default(),
     )
-    .await?;
+    .await
+    .map_err(declaring(|| {
+        format!("dead-letter queue `{queue}` (durable, no arguments)")
+    }))?;
     ch.queue_bind(
-        cfg.dead_letter_queue.as_str().into(),
-        cfg.dead_letter_exchange.as_str().into(),
+        queue.into(),
+        exchange.into(),
         "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
-    .await?;
+    .await
+    .map_err(declaring(|| {
+        format!("the binding of `{queue}` to `{exchange}`")
+    }))?;
     Ok(())
 }
 
@@ -295,4 +392,83 @@ pub fn reading_properties(message_id: &str) -> BasicProperties {
         .with_content_type(CONTENT_TYPE_JSON.into())
         .with_delivery_mode(PERSISTENT)
         .with_message_id(message_id.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_is_the_urls_whatever_its_kind() {
+        for (url, host) in [
+            ("amqp://u:p@[2001:db8::1]:5672/%2f", "2001:db8::1"),
+            ("amqp://u:p@[::1]/", "::1"),
+            ("amqp://u:p@10.0.0.5:5673/", "10.0.0.5"),
+            ("amqp://u:p@127.0.0.1/", "127.0.0.1"),
+            ("amqp://u:p@rabbit.example.org/", "rabbit.example.org"),
+            ("amqps://rabbit-1/", "rabbit-1"),
+        ] {
+            let uri = parse_uri(url).unwrap();
+            assert_eq!(uri.authority.host, host, "{url}");
+            assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
+        }
+        let uri = parse_uri("amqp://u:p@[2001:db8::1]:5673/v?frame_max=4096").unwrap();
+        assert_eq!((uri.authority.port, uri.vhost.as_str()), (5673, "v"));
+        assert_eq!(uri.query.frame_max, Some(4096));
+    }
+
+    #[test]
+    fn dead_letter_properties_come_from_an_allowlist() {
+        use crate::reading::{RejectReason, Rejection};
+        let mut headers = FieldTable::default();
+        headers.insert("trace".into(), AMQPValue::LongString("abc".into()));
+        let original = BasicProperties::default()
+            .with_user_id("someone-else".into())
+            .with_expiration("1".into())
+            .with_reply_to("q".into())
+            .with_priority(9)
+            .with_message_id("m-1".into())
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let rejection = Rejection::new(RejectReason::MalformedJson, "x");
+        let (x, k) = ("weather".into(), "weather_key".into());
+        let p = dead_letter_properties(&original, &rejection, &x, &k);
+        assert_eq!(
+            p.user_id(),
+            &None,
+            "the broker refuses another user's user_id"
+        );
+        assert_eq!(
+            p.expiration(),
+            &None,
+            "the copy would vanish from the dead-letter queue"
+        );
+        assert_eq!(p.reply_to(), &None);
+        assert_eq!(p.priority(), &None);
+        assert_eq!(p.message_id(), &Some("m-1".into()));
+        assert_eq!(p.content_type(), &Some("application/json".into()));
+        assert_eq!(p.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(header_str(&p, "trace"), Some("abc"));
+        assert_eq!(header_str(&p, "x-rejection-reason"), Some("malformed_json"));
+
+        let mut big = FieldTable::default();
+        big.insert(
+            "blob".into(),
+            AMQPValue::LongString("x".repeat(20_000).into()),
+        );
+        let p = dead_letter_properties(&original.with_headers(big), &rejection, &x, &k);
+        let h = p.headers().as_ref().unwrap().inner();
+        assert!(!h.contains_key("blob"));
+        assert_eq!(
+            h.get("x-original-headers-dropped"),
+            Some(&AMQPValue::Boolean(true))
+        );
+        assert_eq!(header_str(&p, "x-rejection-reason"), Some("malformed_json"));
+    }
+
+    #[test]
+    fn a_bad_uri_is_not_echoed() {
+        let e = parse_uri("amqp://u:s3cret@[::1/").unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
 }

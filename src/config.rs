@@ -410,6 +410,9 @@ pub trait DaemonConfig: Default + Serialize + DeserializeOwned {
     /// `PRODUCER_` or `CONSUMER_`.
     const ENV_PREFIX: &'static str;
     fn validate(&self) -> Result<(), ConfigError>;
+    /// Reads every password once (files or credentials), so that a missing or unreadable one is
+    /// a configuration error at start (exit 78) rather than a failure systemd restarts forever.
+    fn check_secrets(&self) -> Result<(), ConfigError>;
     fn log(&self) -> &LogConfig;
     /// Copy with every URL's password replaced, for printing.
     fn redacted(&self) -> Self;
@@ -475,6 +478,11 @@ fn redact_url(url: &Url) -> Url {
 
 impl DaemonConfig for ConsumerConfig {
     const ENV_PREFIX: &'static str = "CONSUMER_";
+
+    fn check_secrets(&self) -> Result<(), ConfigError> {
+        self.amqp.password()?;
+        self.postgres.password().map(|_| ())
+    }
 
     fn validate(&self) -> Result<(), ConfigError> {
         validate_common(&self.amqp, &self.retry, &self.log)?;
@@ -545,6 +553,10 @@ impl DaemonConfig for ConsumerConfig {
 
 impl DaemonConfig for ProducerConfig {
     const ENV_PREFIX: &'static str = "PRODUCER_";
+
+    fn check_secrets(&self) -> Result<(), ConfigError> {
+        self.amqp.password().map(|_| ())
+    }
 
     fn validate(&self) -> Result<(), ConfigError> {
         validate_common(&self.amqp, &self.retry, &self.log)?;

@@ -34,14 +34,17 @@ pub struct CommonArgs {
 /// Loads and validates the config, and starts logging. `Err` carries the exit code: 78 for a bad
 /// config, 0 after `--check-config`.
 pub fn setup<C: DaemonConfig>(args: &CommonArgs, name: &str) -> Result<C, ExitCode> {
-    let cfg: C = config::load(args.config.as_deref()).map_err(|e| {
+    let config_error = |e: config::ConfigError| {
         eprintln!("{name}: configuration error: {e}");
         ExitCode::from(EXIT_CONFIG)
-    })?;
+    };
+    let cfg: C = config::load(args.config.as_deref()).map_err(config_error)?;
     if args.check_config {
         print!("{}", config::render(&cfg));
         return Err(ExitCode::SUCCESS);
     }
+    // Not for `--check-config`, which also runs where the secrets are not (a build, CI).
+    cfg.check_secrets().map_err(config_error)?;
     match telemetry::init(cfg.log(), name) {
         Ok((target, fallback)) => {
             if let Some(why) = fallback {

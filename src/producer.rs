@@ -18,7 +18,7 @@ use futures_util::FutureExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation, Connection};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn, Instrument};
 use uuid::Uuid;
 
 use crate::amqp;
@@ -252,14 +252,14 @@ async fn open(
         let conn = amqp::connect(uri, "sistema-mensajes producer").await?;
         let channel = amqp::confirm_channel(&conn).await?;
         amqp::declare_topology(&channel, &cfg.amqp, false).await?;
-        Ok((conn, channel))
+        Ok::<_, amqp::AmqpError>((conn, channel))
     })
     .await
 }
 
 impl Publisher {
     async fn run(&mut self, uri: &Secret, health: &Health, token: &CancellationToken) {
-        let mut reconnect = retry::delays(&self.cfg.retry);
+        let mut reconnect = retry::Reconnect::new(&self.cfg.retry);
         loop {
             health.set_phase(Phase::WaitingForBroker);
             let metrics = self.metrics.clone();
@@ -273,7 +273,10 @@ impl Publisher {
                 },
                 |e: &amqp::AmqpError| {
                     metrics.amqp_connection_errors.inc();
-                    health.set_problem(Some(format!("broker unreachable: {e}")));
+                    health.set_problem(Some(e.problem()));
+                    if e.is_refusal() {
+                        error!(message = "RabbitMQ refuses our topology; retrying in case it is mended.", error = %e, error_type = "topology_refused", stage = "receiving");
+                    }
                 },
             )
             .await;
@@ -289,6 +292,7 @@ impl Publisher {
             );
             health.set_problem(None);
             health.set_phase(Phase::Running);
+            reconnect.connected();
             match self.session(&conn, &channel, health, token).await {
                 Ok(()) => {
                     amqp::close(&conn, "producer stopping").await;
@@ -298,7 +302,7 @@ impl Publisher {
                     self.metrics.amqp_connection_errors.inc();
                     health.set_problem(Some(format!("broker connection lost: {e}")));
                     warn!(message = "Lost the RabbitMQ connection; unconfirmed readings will be republished.", error = %e, error_type = "connection_lost", stage = "sending", retrying = self.retry.len());
-                    if !retry::pause(&mut reconnect, token).await {
+                    if !reconnect.pause(token).await {
                         return;
                     }
                 }

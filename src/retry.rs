@@ -68,9 +68,71 @@ where
     }
 }
 
+/// The backoff between lost connections: it grows while connections fail one after another, and
+/// starts again from `min_delay` once a connection has lasted `max_delay` (without the reset,
+/// after about seven lost links in a daemon's life every reconnect waited 10 to 20 s).
+pub struct Reconnect {
+    cfg: RetryConfig,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+    since: tokio::time::Instant,
+}
+
+impl Reconnect {
+    pub fn new(cfg: &RetryConfig) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            delays: Box::new(delays(cfg)),
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// A connection is up: from now on it counts how long it lasts.
+    pub fn connected(&mut self) {
+        self.since = tokio::time::Instant::now();
+    }
+
+    /// The next delay after a connection was lost.
+    pub fn next_delay(&mut self) -> Duration {
+        if self.since.elapsed() >= self.cfg.max_delay {
+            self.delays = Box::new(delays(&self.cfg));
+        }
+        self.delays.next().unwrap_or(self.cfg.min_delay)
+    }
+
+    /// Sleeps for [`Self::next_delay`]. Returns `false`, at once, if `token` is cancelled first.
+    pub async fn pause(&mut self, token: &CancellationToken) -> bool {
+        let delay = self.next_delay();
+        tokio::select! {
+            _ = token.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reconnect_backoff_starts_again_after_a_connection_that_lasted() {
+        let cfg = RetryConfig {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+        };
+        let mut r = Reconnect::new(&cfg);
+        // Links lost one after another: the delays grow to the cap.
+        let mut last = Duration::ZERO;
+        for _ in 0..10 {
+            r.connected();
+            last = r.next_delay();
+        }
+        assert!(last >= Duration::from_secs(10), "{last:?}");
+        // A link that lasted `max_delay`: back to the first delay.
+        r.connected();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let first = r.next_delay();
+        assert!(first <= Duration::from_millis(200), "{first:?}");
+    }
 
     #[test]
     fn delays_grow_and_are_capped() {

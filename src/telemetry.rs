@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{FilterExt, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -27,6 +27,17 @@ fn wants_journald(format: LogFormat) -> bool {
     }
 }
 
+/// What no level or `RUST_LOG` lets through. At TRACE, lapin and amq-protocol log every frame,
+/// the login frame included, as a byte array that holds the broker password; and lapin logs each
+/// returned message at WARN with its whole body, which one unroutable burst turns into a flood
+/// (the producer logs returns itself, rate-limited).
+fn allowed(meta: &tracing::Metadata<'_>) -> bool {
+    let target = meta.target();
+    let frames = target.starts_with("lapin") || target.starts_with("amq_protocol");
+    !(target.starts_with("lapin::returned_messages")
+        || frames && *meta.level() == tracing::Level::TRACE)
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides `log.level`. `identifier` is the
 /// SYSLOG_IDENTIFIER in the journal (`producer` or `consumer`).
 pub fn init(
@@ -37,7 +48,8 @@ pub fn init(
         .ok()
         .and_then(|s| s.parse::<Targets>().ok())
         .or_else(|| cfg.level.parse().ok())
-        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO))
+        .and(tracing_subscriber::filter::filter_fn(allowed));
     let mut fallback_reason = None;
     if wants_journald(cfg.format) {
         match tracing_journald::layer() {

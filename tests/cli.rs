@@ -136,6 +136,26 @@ fn configuration_errors_name_the_key_and_exit_78() {
         out.status.success(),
         "the password is read at start, not by --check-config"
     );
+    // At start, a password file that is missing is a configuration error (exit 78, so systemd's
+    // RestartPreventExitStatus=78 stops the restart loop), naming the key.
+    for (bin, key) in [
+        (CONSUMER, "CONSUMER_POSTGRES__PASSWORD_FILE"),
+        (CONSUMER, "CONSUMER_AMQP__PASSWORD_FILE"),
+        (PRODUCER, "PRODUCER_AMQP__PASSWORD_FILE"),
+    ] {
+        let out = run(bin, &[], &[(key, "/nonexistent/pw")]);
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{bin} {key}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains("password_file"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

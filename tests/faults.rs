@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use sistema_mensajes::consumer;
+use sistema_mensajes::producer::{self, Mode};
+use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -57,4 +59,196 @@ async fn a_table_change_that_refuses_every_reading_holds_them_until_it_is_undone
     .await;
     assert_eq!(client.ready(&names.dead_letter_queue).await, 0);
     stop_consumer(running).await;
+}
+
+/// A queue that exists with other arguments (PRECONDITION_FAILED at declare) is a refusal, not
+/// an outage: the status line names the queue and its arguments, not "broker unreachable".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_declared_with_other_arguments_is_named_not_called_unreachable() {
+    let names = Names::new("precondition");
+    names.create_schema().await;
+    let client = Client::connect().await;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(10));
+    client
+        .channel
+        .queue_declare(
+            names.queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .unwrap();
+    let running = start_consumer(names.consumer_config());
+    let (deps, _, _) = &running;
+    wait_until(LIMIT, "the refusal in the status line", || async {
+        deps.health.problem().is_some_and(|p| {
+            p.contains("refuses our topology")
+                && p.contains(&names.queue)
+                && p.contains("PRECONDITION_FAILED")
+        })
+    })
+    .await;
+    stop_consumer(running).await;
+}
+
+/// An IP-literal broker address is that address, not `localhost` (where the password used to
+/// go): an unreachable IPv6 address confirms nothing, and neither does an IPv4 one.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ip_literal_broker_address_is_not_replaced_by_localhost() {
+    let names = Names::new("ip-literal");
+    for url in [
+        "amqp://guest:guest@[2001:db8::1]:5672/%2f",
+        "amqp://guest:guest@192.0.2.1:5672/%2f",
+    ] {
+        let deps = producer::Deps::default();
+        let token = CancellationToken::new();
+        let mut cfg = names.producer_config_via(url);
+        cfg.shutdown_timeout = Duration::from_secs(5);
+        let run = tokio::spawn(producer::run(
+            cfg,
+            Mode::Count(1),
+            deps.clone(),
+            token.clone(),
+        ));
+        // Nothing-happens check over a documented 3 s: a local broker confirms within
+        // milliseconds; an unreachable address never does.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        token.cancel();
+        let summary = tokio::time::timeout(LIMIT, run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(summary.confirmed, 0, "{url} reached a broker");
+        assert_eq!(deps.metrics.confirmed.get(), 0, "{url}");
+    }
+}
+
+/// A message another client published with 20 KB of headers (more than the 16 KiB frames we
+/// used to ask for; the broker never splits a content header) is stored like any other, and
+/// does not hold up the 100 behind it; an invalid one with such headers is dead-lettered, its
+/// headers dropped so the copy fits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_with_large_headers_neither_blocks_the_queue_nor_the_dead_letter() {
+    let names = Names::new("big-headers");
+    names.create_schema().await;
+    let client = Client::connect().await;
+    names.predeclare_like_the_old_system(&client.channel).await;
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-trace".into(),
+        lapin::types::AMQPValue::LongString("t".repeat(20_000).into()),
+    );
+    let big = props().with_headers(headers);
+    let first = uuid::Uuid::now_v7();
+    client
+        .publish_all(
+            &names.exchange,
+            &names.routing_key,
+            &[
+                (reading_with_id(first), big.clone()),
+                (b"not-json".to_vec(), big),
+            ],
+        )
+        .await;
+    let mut ids = vec![first];
+    ids.extend(publish_readings(&client, &names, 100).await);
+    let running = start_consumer(names.consumer_config());
+    names.assert_stored_exactly(ids, LIMIT).await;
+    wait_until(LIMIT, "the invalid one dead-lettered", || async {
+        client.ready(&names.dead_letter_queue).await == 1
+    })
+    .await;
+    let (deps, _, _) = &running;
+    assert_eq!(deps.metrics.amqp_connection_errors.get(), 0);
+    stop_consumer(running).await;
+}
+
+/// A batch that stored nothing (only a dead letter) is no commit: the gauge an alert uses to see
+/// a consumer that stopped storing does not move.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_dead_letters_only_is_not_a_commit() {
+    let names = Names::new("no-commit");
+    names.create_schema().await;
+    let client = Client::connect().await;
+    names.predeclare_like_the_old_system(&client.channel).await;
+    let running = start_consumer(names.consumer_config());
+    let (deps, _, _) = &running;
+    wait_running(&deps.health).await;
+    client
+        .publish_all(
+            &names.exchange,
+            &names.routing_key,
+            &[(b"{}".to_vec(), props())],
+        )
+        .await;
+    wait_until(LIMIT, "the message dead-lettered and acked", || async {
+        client.ready(&names.dead_letter_queue).await == 1 && deps.metrics.pending.get() == 0
+    })
+    .await;
+    assert_eq!(deps.metrics.last_commit.get(), 0.0);
+    publish_readings(&client, &names, 1).await;
+    wait_until(LIMIT, "a reading stored, a commit", || async {
+        deps.metrics.last_commit.get() > 0.0
+    })
+    .await;
+    stop_consumer(running).await;
+}
+
+/// No log level and no format shows the broker password: at TRACE, lapin and amq-protocol log
+/// every frame, the login frame as a byte array. A user of its own with a random password, the
+/// producer at `RUST_LOG=trace` in both formats, and the log searched for the password as text,
+/// as the decimal byte list Rust's `Debug` prints, and as hex.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_broker_password_is_in_no_log_at_any_level() {
+    let names = Names::new("trace-secret");
+    let user = unique_name("user");
+    let password = unique_name("pw");
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+    };
+    ctl(&["add_user", &user, &password]);
+    ctl(&["set_permissions", &user, ".*", ".*", ".*"]);
+    let dir = std::env::temp_dir().join(unique_name("secret"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pw");
+    std::fs::write(&file, &password).unwrap();
+    let decimal = password
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let hex: String = password.bytes().map(|b| format!("{b:02x}")).collect();
+    let url = amqp_url().replace("guest:guest@", &format!("{user}@"));
+    for format in ["text", "json"] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_producer"))
+            .args(["--count", "1"])
+            .env("RUST_LOG", "trace")
+            .env("PRODUCER_LOG__FORMAT", format)
+            .env("PRODUCER_AMQP__URL", &url)
+            .env("PRODUCER_AMQP__PASSWORD_FILE", &file)
+            .env("PRODUCER_AMQP__EXCHANGE", &names.exchange)
+            .env("PRODUCER_AMQP__QUEUE", &names.queue)
+            .env("PRODUCER_AMQP__ROUTING_KEY", &names.routing_key)
+            .env("PRODUCER_METRICS__LISTEN", "127.0.0.1:0")
+            .output()
+            .await
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{format}: the producer ran: {log}");
+        assert!(log.contains("DEBUG"), "{format}: verbose logging is on");
+        for (what, needle) in [("text", &password), ("bytes", &decimal), ("hex", &hex)] {
+            assert!(
+                !log.contains(needle.as_str()),
+                "{format}: the password as {what} is in the log"
+            );
+        }
+    }
+    ctl(&["delete_user", &user]);
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -302,7 +302,7 @@ impl DeadLetter {
         let ch = amqp::bounded(async {
             let ch = amqp::confirm_channel(conn).await?;
             amqp::declare_dead_letter(&ch, cfg).await?;
-            Ok(ch)
+            Ok::<_, AmqpError>(ch)
         })
         .await?;
         self.channel = Some(ch.clone());

@@ -183,7 +183,7 @@ async fn read(
     health: &Health,
     token: &CancellationToken,
 ) -> Option<Arc<Link>> {
-    let mut delays = retry::delays(&cfg.retry);
+    let mut reconnect = retry::Reconnect::new(&cfg.retry);
     loop {
         health.set_phase(Phase::WaitingForBroker);
         let link = retry::until_ok(
@@ -196,7 +196,10 @@ async fn read(
             },
             |e: &amqp::AmqpError| {
                 metrics.amqp_connection_errors.inc();
-                health.set_problem(Some(format!("broker unreachable: {e}")));
+                health.set_problem(Some(e.problem()));
+                    if e.is_refusal() {
+                        error!(message = "RabbitMQ refuses our topology; retrying in case it is mended.", error = %e, error_type = "topology_refused", stage = "receiving");
+                    }
             },
         )
         .await?;
@@ -208,6 +211,7 @@ async fn read(
         );
         health.set_problem(None);
         health.set_phase(Phase::Running);
+        reconnect.connected();
         match consume(cfg, &link, tx, health, token).await {
             Ok(()) => return Some(link),
             Err(e) => {
@@ -216,7 +220,7 @@ async fn read(
                 metrics.amqp_connection_errors.inc();
                 health.set_problem(Some(format!("broker connection lost: {e}")));
                 warn!(message = "Lost the RabbitMQ connection; reconnecting.", error = %e, error_type = "connection_lost", stage = "receiving");
-                if !retry::pause(&mut delays, token).await {
+                if !reconnect.pause(token).await {
                     return None;
                 }
             }
@@ -238,7 +242,7 @@ async fn open(
             .basic_qos(cfg.amqp.prefetch, BasicQosOptions::default())
             .await?;
         amqp::declare_topology(&channel, &cfg.amqp, true).await?;
-        Ok(Link::new(conn, channel, metrics.pending.clone()))
+        Ok::<_, amqp::AmqpError>(Link::new(conn, channel, metrics.pending.clone()))
     })
     .await
 }

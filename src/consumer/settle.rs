@@ -40,8 +40,14 @@ pub struct Tags {
 }
 
 impl Tags {
-    pub fn received(&mut self) {
+    /// A delivery arrived; `false` (and not counted) if the channel is released already: the
+    /// broker requeued it with the rest, so it is nobody's to settle.
+    pub fn received(&mut self) -> bool {
+        if self.released {
+            return false;
+        }
         self.received += 1;
+        true
     }
 
     /// Deliveries received and not yet settled.
@@ -135,8 +141,9 @@ impl Link {
 
     /// A delivery arrived on this link.
     pub fn received(&self) {
-        self.books(Tags::received);
-        self.pending.inc();
+        if self.books(Tags::received) {
+            self.pending.inc();
+        }
     }
 
     pub fn is_released(&self) -> bool {
@@ -186,8 +193,25 @@ mod tests {
 
     fn received(n: u64) -> Tags {
         let mut t = Tags::default();
-        (0..n).for_each(|_| t.received());
+        (0..n).for_each(|_| assert!(t.received()));
         t
+    }
+
+    #[test]
+    fn deliveries_after_release_are_not_counted() {
+        let mut t = received(3);
+        assert_eq!(t.settle([1]), vec![Ack::UpTo(1)]);
+        assert_eq!(t.release(), 2);
+        assert!(
+            !t.received(),
+            "buffered before the close, handed over after it"
+        );
+        assert_eq!(
+            t.unsettled(),
+            2,
+            "unchanged: the late one is not ours to settle"
+        );
+        assert_eq!(t.release(), 0);
     }
 
     #[test]
@@ -220,7 +244,7 @@ mod tests {
         assert_eq!(t.settle([3]), vec![Ack::UpTo(3)]);
         assert_eq!(t.unsettled(), 0);
         let mut more = t;
-        more.received();
+        assert!(more.received());
         assert_eq!(more.settle([7]), vec![Ack::UpTo(7)]);
     }
 

@@ -152,7 +152,10 @@ impl Writer {
                 .filter(|(i, _)| !refused_rows.contains(i))
                 .filter_map(|(_, r)| r.measured_at);
             m.observe_end_to_end(stored_rows, committed);
-            m.last_commit.set(committed.unix_timestamp() as f64);
+            if stored > 0 {
+                // A batch of dead letters only stored nothing: the gauge is for the last commit.
+                m.last_commit.set(committed.unix_timestamp() as f64);
+            }
             m.last_batch.store(size as u64, Ordering::Relaxed);
             m.last_batch_micros
                 .store(elapsed.as_micros() as u64, Ordering::Relaxed);
