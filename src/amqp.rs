@@ -123,18 +123,24 @@ pub const PERSISTENT: u8 = 2;
 
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
-/// Largest AMQP frame we ask for unless the URL says otherwise (`?frame_max=`): RabbitMQ's own
-/// default, 128 KiB. The broker never splits a content header (the properties and headers of a
-/// message), so a message another client published with more headers than our frame size made
-/// lapin close the connection with FRAME_ERROR, and the message was redelivered forever at the
-/// head of the queue. With the broker's own maximum, any message the broker accepted fits.
-/// (16 KiB was chosen for memory: lapin sizes its buffers by the frame size.)
-pub const FRAME_MAX: u32 = 128 * 1024;
+/// Largest AMQP frame a connection that only publishes asks for, unless the URL says otherwise
+/// (`?frame_max=`). lapin keeps 32 frames of buffer each way, and a ring buffer touches all of
+/// it in time, so RabbitMQ's default of 128 KiB would cost up to 8 MiB of resident memory per
+/// connection; our readings and dead letters (original headers capped at 4 KiB) fit in far less,
+/// and larger bodies are simply split into more frames.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
+/// The frame size the consuming connection asks for: RabbitMQ's own default and largest usual
+/// setting, 128 KiB. The broker never splits a content header (a message's properties and
+/// headers), so a message another client published with more headers than our frame size made
+/// lapin close the connection with FRAME_ERROR, and the message came back at the head of the
+/// queue forever. With the broker's own maximum, any message it accepted can be received.
+pub const CONSUMER_FRAME_MAX: u32 = 128 * 1024;
 
 /// Connects; `name` shows in the RabbitMQ management UI. The URI holds the password: never log it.
-pub async fn connect(uri: &Secret, name: &str) -> lapin::Result<Connection> {
+pub async fn connect(uri: &Secret, name: &str, frame_max: u32) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let uri = parse_uri(uri.expose()).map_err(|e| {
+    let uri = parse_uri(uri.expose(), frame_max).map_err(|e| {
         let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
         lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(invalid)))
     })?;
@@ -146,7 +152,7 @@ pub async fn connect(uri: &Secret, name: &str) -> lapin::Result<Connection> {
 /// `amqp://u:p@10.0.0.5/` would send the password to whatever listens on the local port. The
 /// host is taken from the URL's `host()` instead (an IPv6 address without its brackets, as the
 /// socket address parser wants it). The error never holds the URI.
-pub fn parse_uri(s: &str) -> Result<lapin::uri::AMQPUri, String> {
+pub fn parse_uri(s: &str, frame_max: u32) -> Result<lapin::uri::AMQPUri, String> {
     let url = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
     let host = match url.host() {
         Some(url::Host::Domain(d)) => percent_decode(d),
@@ -156,7 +162,7 @@ pub fn parse_uri(s: &str) -> Result<lapin::uri::AMQPUri, String> {
     };
     let mut uri: lapin::uri::AMQPUri = s.parse().map_err(|_| "not an AMQP URL".to_owned())?;
     uri.authority.host = host;
-    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    uri.query.frame_max.get_or_insert(frame_max);
     Ok(uri)
 }
 
@@ -289,6 +295,19 @@ pub async fn declare_dead_letter(ch: &Channel, cfg: &AmqpConfig) -> Result<(), A
 /// operator's information.
 pub const DEAD_LETTER_HEADER_BYTES: usize = 4096;
 
+/// Longest `x-rejection-detail`: a database's message (a trigger's `RAISE`) can be long, and the
+/// headers must fit in one frame.
+pub const MAX_DETAIL_BYTES: usize = 1024;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Properties for the dead-letter copy of a message: persistent, with headers saying why
 /// (`x-rejection-reason`, `x-rejection-detail`) and where it came from. Built from an allowlist
 /// of the original's properties: not `user_id` (the broker refuses a publish whose `user_id` is
@@ -316,7 +335,10 @@ pub fn dead_letter_properties(
     }
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
     headers.insert("x-rejection-reason".into(), text(rejection.reason.as_str()));
-    headers.insert("x-rejection-detail".into(), text(&rejection.detail));
+    headers.insert(
+        "x-rejection-detail".into(),
+        text(truncated(&rejection.detail, MAX_DETAIL_BYTES)),
+    );
     headers.insert("x-original-exchange".into(), text(exchange.as_str()));
     headers.insert("x-original-routing-key".into(), text(routing_key.as_str()));
     headers.insert(
@@ -408,11 +430,11 @@ mod tests {
             ("amqp://u:p@rabbit.example.org/", "rabbit.example.org"),
             ("amqps://rabbit-1/", "rabbit-1"),
         ] {
-            let uri = parse_uri(url).unwrap();
+            let uri = parse_uri(url, FRAME_MAX).unwrap();
             assert_eq!(uri.authority.host, host, "{url}");
             assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
         }
-        let uri = parse_uri("amqp://u:p@[2001:db8::1]:5673/v?frame_max=4096").unwrap();
+        let uri = parse_uri("amqp://u:p@[2001:db8::1]:5673/v?frame_max=4096", FRAME_MAX).unwrap();
         assert_eq!((uri.authority.port, uri.vhost.as_str()), (5673, "v"));
         assert_eq!(uri.query.frame_max, Some(4096));
     }
@@ -456,7 +478,7 @@ mod tests {
             "blob".into(),
             AMQPValue::LongString("x".repeat(20_000).into()),
         );
-        let p = dead_letter_properties(&original.with_headers(big), &rejection, &x, &k);
+        let p = dead_letter_properties(&original.clone().with_headers(big), &rejection, &x, &k);
         let h = p.headers().as_ref().unwrap().inner();
         assert!(!h.contains_key("blob"));
         assert_eq!(
@@ -464,11 +486,16 @@ mod tests {
             Some(&AMQPValue::Boolean(true))
         );
         assert_eq!(header_str(&p, "x-rejection-reason"), Some("malformed_json"));
+
+        let long = Rejection::new(RejectReason::DatabaseRejected, "é".repeat(5000));
+        let p = dead_letter_properties(&original, &long, &x, &k);
+        let detail = header_str(&p, "x-rejection-detail").unwrap();
+        assert!(detail.len() <= MAX_DETAIL_BYTES && detail.len() >= MAX_DETAIL_BYTES - 1);
     }
 
     #[test]
     fn a_bad_uri_is_not_echoed() {
-        let e = parse_uri("amqp://u:s3cret@[::1/").unwrap_err();
+        let e = parse_uri("amqp://u:s3cret@[::1/", FRAME_MAX).unwrap_err();
         assert!(!e.contains("s3cret"), "{e}");
     }
 }

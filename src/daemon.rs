@@ -57,6 +57,14 @@ pub fn setup<C: DaemonConfig>(args: &CommonArgs, name: &str) -> Result<C, ExitCo
     Ok(cfg)
 }
 
+/// The exit of a one-shot command: 0, or the error logged (the whole chain) and 1.
+pub fn report<E: std::fmt::Display>(result: Result<(), E>) -> Result<(), ExitCode> {
+    result.map_err(|e| {
+        error!(message = "Failed.", error = %e);
+        ExitCode::from(EXIT_FAILURE)
+    })
+}
+
 /// What a daemon's pipeline shares with its binary: its metrics and its health.
 pub struct Deps<M> {
     pub metrics: std::sync::Arc<M>,

@@ -278,19 +278,25 @@ impl Db {
     /// insert is idempotent.
     ///
     /// A refusal of one row is the row's fault; a refusal of every row may be the table's. So
-    /// when the whole batch is refused, `reference` (a reading PostgreSQL accepted before) is
-    /// inserted with a fresh id in a transaction that is rolled back: refused too, the fault is
-    /// systematic ([`DbError::Systematic`]) and nothing is dead-lettered; accepted, the batch is
-    /// split. Deciding before splitting also keeps a systematic refusal to three statements
-    /// rather than two per row.
+    /// when the whole batch is refused, each of `references` (readings PostgreSQL accepted
+    /// before: the last one stored, and a built-in one) is inserted with a fresh id and the time
+    /// now as `measured_at` (a refusal by time, as when the current month's partition is
+    /// missing, must show) in a transaction that is rolled back. If one is accepted, the readings
+    /// are at fault: the batch is split in halves until the refused rows are alone. If all are
+    /// refused, the table may be; but the references may share the batch's fault (a rule that
+    /// refuses a station, or a value the last reading had), so the first two halves are tried:
+    /// one accepted, the split goes on; both refused, or a batch of one, the fault is systematic
+    /// ([`DbError::Systematic`]) and nothing is dead-lettered.
     ///
     /// Unless `maybe_stored` (some message was redelivered), a plain insert is tried first; a
-    /// unique violation or refused row there falls back to the skipping insert.
+    /// unique violation or refused row there falls back to the skipping insert. Every statement
+    /// is bounded; the split as a whole is not (up to two per row), so each statement counts as
+    /// `progress` for the watchdog.
     pub async fn insert_isolating(
         &self,
         rows: &[Reading],
         maybe_stored: bool,
-        reference: &Reading,
+        references: &[&Reading],
         progress: impl Fn(),
     ) -> Result<Stored, DbError> {
         if !maybe_stored {
@@ -317,31 +323,53 @@ impl Db {
             Err(e) if e.is_data_error() => e,
             Err(e) => return Err(e),
         };
-        progress();
-        match self.probe(reference).await {
-            Ok(()) => {}
-            Err(e) if e.is_data_error() => return Err(DbError::Systematic(Box::new(whole))),
-            Err(e) => return Err(e),
+        let mut table_accepts = false;
+        for reference in references {
+            progress();
+            match self.probe(reference, &progress).await {
+                Ok(()) => {
+                    table_accepts = true;
+                    break;
+                }
+                Err(e) if e.is_data_error() => {}
+                Err(e) => return Err(e),
+            }
         }
         if rows.len() == 1 {
-            stored.rejected.push((0, format!("{whole}")));
-            return Ok(stored);
+            return match table_accepts {
+                true => {
+                    stored.rejected.push((0, format!("{whole}")));
+                    Ok(stored)
+                }
+                false => Err(DbError::Systematic(Box::new(whole))),
+            };
         }
         let mid = rows.len() / 2;
         let mut pending = vec![(mid, rows.len()), (0, mid)];
+        // With every reference refused: the halves still undecided, and whether one was accepted.
+        let mut halves = if table_accepts { 0 } else { 2 };
+        let mut any_accepted = false;
         while let Some((start, end)) = pending.pop() {
-            // Each statement is bounded; the split as a whole is not (up to two per row), so
-            // each one counts as progress for the watchdog.
             progress();
-            match self.insert(&rows[start..end], true).await {
+            let result = self.insert(&rows[start..end], true).await;
+            if halves > 0 {
+                halves -= 1;
+                any_accepted |= result.is_ok();
+                if halves == 0 && !any_accepted {
+                    return Err(DbError::Systematic(Box::new(whole)));
+                }
+            }
+            match result {
                 Ok(n) => stored.inserted += n,
                 Err(e) if e.is_data_error() && end - start == 1 => {
                     stored.rejected.push((start, format!("{e}")));
                 }
                 Err(e) if e.is_data_error() => {
                     let mid = start + (end - start) / 2;
-                    pending.push((mid, end));
-                    pending.push((start, mid));
+                    // Behind the other half, if that is still to be tried.
+                    let at = pending.len().saturating_sub(halves);
+                    pending.insert(at, (mid, end));
+                    pending.insert(at + 1, (start, mid));
                 }
                 Err(e) => return Err(e),
             }
@@ -353,17 +381,43 @@ impl Db {
 impl Db {
     /// Inserts `reference` with a fresh id, and rolls it back: whether PostgreSQL would accept a
     /// reading it accepted before. Nothing is stored.
-    async fn probe(&self, reference: &Reading) -> Result<(), DbError> {
+    async fn probe(&self, reference: &Reading, progress: &impl Fn()) -> Result<(), DbError> {
         let probe = Reading {
             message_id: uuid::Uuid::now_v7(),
+            measured_at: Some(time::OffsetDateTime::now_utc()),
             ..reference.clone()
         };
         self.bounded("probe: begin", self.client.batch_execute("BEGIN"))
             .await?;
+        progress();
         let inserted = self.insert(std::slice::from_ref(&probe), true).await;
+        progress();
         self.bounded("probe: roll back", self.client.batch_execute("ROLLBACK"))
             .await?;
         inserted.map(|_| ())
+    }
+
+    /// The reading stored last, if the role may read it (it need not): a reference for
+    /// [`Self::insert_isolating`] from the table itself, before this process stored any.
+    pub async fn latest(&self) -> Option<Reading> {
+        let sql = "SELECT message_id, station_id, temperature, humidity, pressure, measured_at \
+                   FROM weather_logs ORDER BY received_at DESC LIMIT 1";
+        let row = self.bounded("read the latest reading", self.client.query_opt(sql, &[]));
+        match row.await {
+            Ok(Some(r)) => Some(Reading {
+                message_id: r.try_get(0).ok()?,
+                station_id: r.try_get(1).ok()?,
+                temperature: r.try_get(2).ok()?,
+                humidity: r.try_get(3).ok()?,
+                pressure: r.try_get(4).ok()?,
+                measured_at: r.try_get(5).ok()?,
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                debug!(message = "Cannot read the latest reading; the built-in reference will do.", error = %e);
+                None
+            }
+        }
     }
 
     /// `fut`, or [`DbError::Timeout`] after [`PostgresConfig::statement_limit`].

@@ -249,7 +249,7 @@ async fn open(
     uri: &Secret,
 ) -> Result<(Connection, Channel), amqp::AmqpError> {
     amqp::bounded(async {
-        let conn = amqp::connect(uri, "sistema-mensajes producer").await?;
+        let conn = amqp::connect(uri, "sistema-mensajes producer", amqp::FRAME_MAX).await?;
         let channel = amqp::confirm_channel(&conn).await?;
         amqp::declare_topology(&channel, &cfg.amqp, false).await?;
         Ok::<_, amqp::AmqpError>((conn, channel))
@@ -299,6 +299,7 @@ impl Publisher {
                     return;
                 }
                 Err(e) => {
+                    self.metrics.blocked.set(0);
                     self.metrics.amqp_connection_errors.inc();
                     health.set_problem(Some(format!("broker connection lost: {e}")));
                     warn!(message = "Lost the RabbitMQ connection; unconfirmed readings will be republished.", error = %e, error_type = "connection_lost", stage = "sending", retrying = self.retry.len());
@@ -348,6 +349,11 @@ impl Publisher {
                 )
                 .await
             {
+                if matches!(e, amqp::AmqpError::Blocked) && token.is_cancelled() {
+                    // Shutdown while the broker blocks us: stop, the rest unconfirmed.
+                    self.retry.extend(inflight.drain().map(|(_, (msg, _))| msg));
+                    break Ok(());
+                }
                 break Err(e);
             }
             self.metrics
@@ -506,23 +512,32 @@ impl Publisher {
             health.beat();
         };
         for (write, polled) in writes {
-            written.push(match polled {
+            let result = match polled {
                 Poll::Ready(result) => result.map_err(amqp::AmqpError::from),
                 // Bounded; while the broker blocks the connection, waiting is healthy.
                 Poll::Pending => amqp::write(writing.conn, write, alive, writing.token).await,
-            });
+            };
+            let failed = result.is_err();
+            written.push(result);
+            if failed {
+                // The connection is gone or silent: the rest would each wait out the bound too.
+                // They go back to the retry queue with the failed one (below).
+                break;
+            }
         }
         let mut failed = None;
         let mut unsent = Vec::new();
-        for (msg, result) in burst.into_iter().zip(written) {
-            let confirm = match (result, &failed) {
-                (Ok(confirm), None) => confirm,
-                (Err(e), None) => {
+        // Shorter than `burst` after a failure: the rest were not awaited.
+        let mut written = written.into_iter();
+        for msg in burst {
+            let confirm = match (written.next(), &failed) {
+                (Some(Ok(confirm)), None) => confirm,
+                (Some(Err(e)), None) => {
                     failed = Some(e);
                     unsent.push(msg);
                     continue;
                 }
-                (_, Some(_)) => {
+                _ => {
                     unsent.push(msg);
                     continue;
                 }

@@ -31,7 +31,7 @@ async fn rows_already_stored_are_skipped_whichever_insert_runs_first() {
 
     // New rows: the plain insert stores them all.
     let stored = db
-        .insert_isolating(&rows[..10], false, &reference_reading(), || ())
+        .insert_isolating(&rows[..10], false, &[&reference_reading()], || ())
         .await
         .unwrap();
     assert_eq!((stored.inserted, stored.rejected.len()), (10, 0));
@@ -39,14 +39,14 @@ async fn rows_already_stored_are_skipped_whichever_insert_runs_first() {
     // Ten of these are stored already, and nothing says so (a republished reading, not a
     // redelivery): the plain insert fails on the primary key and the skipping insert takes over.
     let stored = db
-        .insert_isolating(&rows[..20], false, &reference_reading(), || ())
+        .insert_isolating(&rows[..20], false, &[&reference_reading()], || ())
         .await
         .unwrap();
     assert_eq!((stored.inserted, stored.rejected.len()), (10, 0));
 
     // A redelivered batch goes straight to the skipping insert.
     let stored = db
-        .insert_isolating(&rows, true, &reference_reading(), || ())
+        .insert_isolating(&rows, true, &[&reference_reading()], || ())
         .await
         .unwrap();
     assert_eq!((stored.inserted, stored.rejected.len()), (10, 0));
@@ -55,7 +55,7 @@ async fn rows_already_stored_are_skipped_whichever_insert_runs_first() {
     let fresh = readings(1).remove(0);
     let twice = vec![fresh.clone(), fresh];
     let stored = db
-        .insert_isolating(&twice, false, &reference_reading(), || ())
+        .insert_isolating(&twice, false, &[&reference_reading()], || ())
         .await
         .unwrap();
     assert_eq!(stored.inserted, 1);
@@ -87,7 +87,7 @@ async fn a_table_that_refuses_every_reading_is_a_systematic_fault() {
         pg.batch_execute(&break_it).await.unwrap();
         for (rows, maybe_stored) in [(readings(5), false), (readings(1), true)] {
             match db
-                .insert_isolating(&rows, maybe_stored, &reference_reading(), || ())
+                .insert_isolating(&rows, maybe_stored, &[&reference_reading()], || ())
                 .await
             {
                 Err(DbError::Systematic(_)) => {}
@@ -101,7 +101,7 @@ async fn a_table_that_refuses_every_reading_is_a_systematic_fault() {
         );
         pg.batch_execute(&mend_it).await.unwrap();
         let stored = db
-            .insert_isolating(&readings(5), false, &reference_reading(), || ())
+            .insert_isolating(&readings(5), false, &[&reference_reading()], || ())
             .await
             .unwrap();
         assert_eq!(
@@ -130,7 +130,7 @@ async fn a_rule_that_refuses_some_readings_isolates_them() {
     let mut rows = readings(9);
     rows[4].station_id = "BAD".into();
     let stored = db
-        .insert_isolating(&rows, false, &reference_reading(), || ())
+        .insert_isolating(&rows, false, &[&reference_reading()], || ())
         .await
         .unwrap();
     assert_eq!(stored.inserted, 8);
@@ -140,7 +140,7 @@ async fn a_rule_that_refuses_some_readings_isolates_them() {
     );
     let alone = vec![rows[4].clone()];
     let stored = db
-        .insert_isolating(&alone, true, &reference_reading(), || ())
+        .insert_isolating(&alone, true, &[&reference_reading()], || ())
         .await
         .unwrap();
     assert_eq!((stored.inserted, stored.rejected.len()), (0, 1));
@@ -148,9 +148,105 @@ async fn a_rule_that_refuses_some_readings_isolates_them() {
     let mut all_bad = readings(3);
     all_bad.iter_mut().for_each(|r| r.station_id = "BAD".into());
     let stored = db
-        .insert_isolating(&all_bad, false, &reference_reading(), || ())
+        .insert_isolating(&all_bad, false, &[&reference_reading()], || ())
         .await
         .unwrap();
     assert_eq!((stored.inserted, stored.rejected.len()), (0, 3));
     assert_eq!(names.rows().await, 8);
+}
+
+/// The references must not share the batch's fault, either way. A refusal by time (new readings
+/// refused, as when the current month's partition is missing) is systematic although the last
+/// stored reading, with its own time, would pass; a rule that refuses the built-in reference's
+/// station or the last reading's value is not, when another reference or half is accepted.
+#[tokio::test]
+async fn references_tell_a_fault_of_time_or_of_one_value_apart() {
+    let names = Names::new("db-references");
+    let cfg = names.consumer_config().postgres;
+    let db = Db::connect(&cfg, None).await.unwrap();
+    let pg = pg_client(&pg_url()).await;
+    let t = format!("{}.weather_logs", names.schema);
+    let f = format!("{}.refuse", names.schema);
+    let built_in = reference_reading();
+
+    // Stored two hours ago; then recent readings are refused (a missing partition, say).
+    let mut old = readings(1).remove(0);
+    old.measured_at = Some(time::OffsetDateTime::now_utc() - time::Duration::hours(2));
+    db.insert_isolating(&[old.clone()], false, &[&built_in], || ())
+        .await
+        .unwrap();
+    pg.batch_execute(&format!(
+        "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS \
+         $$BEGIN IF NEW.measured_at > now() - interval '1 hour' THEN RAISE EXCEPTION 'no partition'; END IF; RETURN NEW; END$$; \
+         CREATE TRIGGER refuse BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {f}()"
+    ))
+    .await
+    .unwrap();
+    for batch in [readings(4), readings(1)] {
+        match db
+            .insert_isolating(&batch, false, &[&old, &built_in], || ())
+            .await
+        {
+            Err(DbError::Systematic(_)) => {}
+            other => panic!("a refusal of every new reading: {other:?}"),
+        }
+    }
+    pg.batch_execute(&format!("DROP TRIGGER refuse ON {t}"))
+        .await
+        .unwrap();
+
+    // Only registered stations: the built-in reference's is not, nor is one reading's.
+    pg.batch_execute(&format!(
+        "ALTER TABLE {t} ADD CONSTRAINT registered CHECK (station_id LIKE 'STATION-%') NOT VALID"
+    ))
+    .await
+    .unwrap();
+    let mut batch = readings(4);
+    batch[2].station_id = "UNREGISTERED".into();
+    let stored = db
+        .insert_isolating(&batch, false, &[&built_in], || ())
+        .await
+        .unwrap();
+    assert_eq!(
+        (stored.inserted, stored.rejected.len()),
+        (3, 1),
+        "a half was accepted"
+    );
+    let alone = vec![batch[2].clone()];
+    let stored = db
+        .insert_isolating(&alone, true, &[&batch[0], &built_in], || ())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.rejected.len(),
+        1,
+        "the last stored reading is accepted: the row's fault"
+    );
+
+    // The last stored reading had a value a new rule refuses; the built-in one does not.
+    pg.batch_execute(&format!("ALTER TABLE {t} DROP CONSTRAINT registered"))
+        .await
+        .unwrap();
+    let mut hot = readings(1).remove(0);
+    hot.temperature = 55.0;
+    db.insert_isolating(&[hot.clone()], false, &[&built_in], || ())
+        .await
+        .unwrap();
+    pg.batch_execute(&format!(
+        "ALTER TABLE {t} ADD CONSTRAINT cool CHECK (temperature < 50) NOT VALID"
+    ))
+    .await
+    .unwrap();
+    let mut again = readings(1).remove(0);
+    again.temperature = 56.0;
+    let stored = db
+        .insert_isolating(&[again], false, &[&hot, &built_in], || ())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.rejected.len(),
+        1,
+        "the built-in reference is accepted: the row's fault"
+    );
+    assert_eq!(names.rows().await, 1 + 3 + 1);
 }

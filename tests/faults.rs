@@ -252,3 +252,78 @@ async fn the_broker_password_is_in_no_log_at_any_level() {
     ctl(&["delete_user", &user]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Dead letters replayed once their cause is mended: only the reason asked for, each stored
+/// once, the others left in place; a second replay finds nothing more of that reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_of_one_reason_are_replayed_once_the_cause_is_mended() {
+    use sistema_mensajes::consumer::replay::{self, Replayed};
+    let names = Names::new("replay");
+    names.create_schema().await;
+    let client = Client::connect().await;
+    names.predeclare_like_the_old_system(&client.channel).await;
+    let cfg = names.consumer_config();
+    let running = start_consumer(cfg.clone());
+    wait_running(&running.0.health).await;
+    let table = format!("{}.weather_logs", names.schema);
+    let pg = pg_client(&pg_url()).await;
+    pg.batch_execute(&format!(
+        "ALTER TABLE {table} ADD CONSTRAINT no_bad CHECK (station_id <> 'BAD')"
+    ))
+    .await
+    .unwrap();
+    let bad: Vec<uuid::Uuid> = (0..2).map(|_| uuid::Uuid::now_v7()).collect();
+    let mut msgs: Vec<_> = bad
+        .iter()
+        .map(|id| {
+            let body = format!(r#"{{"station_id":"BAD","temperature":1,"humidity":1,"pressure":1000,"message_id":"{id}"}}"#);
+            (body.into_bytes(), props())
+        })
+        .collect();
+    msgs.push((b"not-json".to_vec(), props()));
+    client
+        .publish_all(&names.exchange, &names.routing_key, &msgs)
+        .await;
+    let mut ids = publish_readings(&client, &names, 3).await;
+    wait_until(
+        LIMIT,
+        "two refused rows and one malformed message dead-lettered",
+        || async { client.ready(&names.dead_letter_queue).await == 3 },
+    )
+    .await;
+    names.wait_rows(3, LIMIT).await;
+
+    pg.batch_execute(&format!("ALTER TABLE {table} DROP CONSTRAINT no_bad"))
+        .await
+        .unwrap();
+    let done = replay::run(&cfg.amqp, Some("database_rejected"))
+        .await
+        .unwrap();
+    assert_eq!(
+        done,
+        Replayed {
+            replayed: 2,
+            skipped: 1
+        }
+    );
+    ids.extend(bad);
+    names.assert_stored_exactly(ids, LIMIT).await;
+    wait_until(LIMIT, "only the malformed message left", || async {
+        client.ready(&names.dead_letter_queue).await == 1
+    })
+    .await;
+    let again = replay::run(&cfg.amqp, Some("database_rejected"))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Replayed {
+            replayed: 0,
+            skipped: 1
+        }
+    );
+    let left = client.drain(&names.dead_letter_queue).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0, b"not-json".to_vec());
+    stop_consumer(running).await;
+}

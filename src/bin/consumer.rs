@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use sistema_mensajes::config::ConsumerConfig;
-use sistema_mensajes::consumer::{self, Deps};
+use sistema_mensajes::consumer::{self, replay, Deps};
 use sistema_mensajes::daemon::{self, CommonArgs, Service};
 
 /// Reads weather readings from RabbitMQ, validates them and stores each exactly once in
@@ -15,12 +15,34 @@ use sistema_mensajes::daemon::{self, CommonArgs, Service};
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Move the messages of the dead-letter queue back to the exchange they came from, once their
+    /// cause is mended; each with a confirm, then acknowledged. Prints how many, then exits.
+    ReplayDeadLetters {
+        /// Only those rejected for this reason (`x-rejection-reason`, e.g. database_rejected).
+        #[arg(long, value_name = "REASON")]
+        reason: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let run = || -> Result<(), ExitCode> {
         let cfg: ConsumerConfig = daemon::setup(&cli.common, "consumer")?;
+        if let Some(Command::ReplayDeadLetters { reason }) = &cli.command {
+            let done = daemon::runtime()?.block_on(replay::run(&cfg.amqp, reason.as_deref()));
+            return daemon::report(done.map(|d| {
+                println!(
+                    "{} replayed, {} of other reasons left in place",
+                    d.replayed, d.skipped
+                )
+            }));
+        }
         let deps = Deps::default();
         let (metrics, health) = (deps.metrics.clone(), deps.health.clone());
         let service = Service {

@@ -12,8 +12,12 @@
 //! the dead-letter connection, nothing is tried and the messages stay held (visible in
 //! `consumer_dead_letters_held`, `amqp_connection_blocked` and the status line).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
@@ -65,6 +69,18 @@ enum DeadLetterError {
     Unroutable(String),
 }
 
+/// A dead-letter publish under way: the publish, then its confirm.
+type Publishing = BoxFuture<'static, Result<Confirmation, AmqpError>>;
+
+/// A message waiting for the dead-letter queue, with its publish if one is still under way: one
+/// that met a broker alarm (RabbitMQ says `connection.blocked` only when a publish arrives) is
+/// kept, not given up, since lapin would send its frames once unblocked anyway, and a second
+/// publish would put the message in the dead-letter queue twice.
+struct Held {
+    item: Invalid,
+    publishing: Option<Publishing>,
+}
+
 pub struct DeadLetter {
     cfg: AmqpConfig,
     retry_cfg: RetryConfig,
@@ -73,7 +89,7 @@ pub struct DeadLetter {
     conn: Option<Connection>,
     channel: Option<Channel>,
     /// Messages not yet in the dead-letter queue, all of one link, unacknowledged.
-    held: Vec<Invalid>,
+    held: Vec<Held>,
     held_link: Option<Arc<Link>>,
     retry_at: Option<tokio::time::Instant>,
     delays: Box<dyn Iterator<Item = Duration> + Send>,
@@ -121,7 +137,7 @@ impl DeadLetter {
         invalid: Vec<Invalid>,
         metrics: &ConsumerMetrics,
     ) -> Vec<u64> {
-        self.forget_released();
+        self.forget_released(metrics);
         if self
             .held_link
             .as_ref()
@@ -130,7 +146,10 @@ impl DeadLetter {
             // Held messages of an older link: it was closed and the broker has requeued them.
             self.held.clear();
         }
-        self.held.extend(invalid);
+        self.held.extend(invalid.into_iter().map(|item| Held {
+            item,
+            publishing: None,
+        }));
         self.held_link = Some(link.clone());
         let backing_off = self
             .retry_at
@@ -143,16 +162,17 @@ impl DeadLetter {
 
     /// Tries the held messages again. Returns their link and the tags to settle.
     pub async fn retry(&mut self, metrics: &ConsumerMetrics) -> Option<(Arc<Link>, Vec<u64>)> {
-        self.forget_released();
+        self.forget_released(metrics);
         let link = self.held_link.clone()?;
         let tags = self.attempt(metrics).await;
         Some((link, tags))
     }
 
-    fn forget_released(&mut self) {
+    fn forget_released(&mut self, metrics: &ConsumerMetrics) {
         if self.held_link.as_ref().is_some_and(|l| l.is_released()) {
             self.held.clear();
             self.held_link = None;
+            metrics.dead_letters_held.set(0);
         }
     }
 
@@ -206,80 +226,111 @@ impl DeadLetter {
         done.into_iter().map(|i| i.tag).collect()
     }
 
-    /// Publishes `items` and waits for their confirms: (confirmed, not confirmed, first error).
-    /// Each publish is bounded, and so are the confirms, together.
+    /// Publishes what is held (or goes on with a publish under way) and waits for the confirms,
+    /// all within one bound: (confirmed, still held, first error). While the broker blocks the
+    /// connection nothing is tried; a publish the bound cut short on a blocked connection is
+    /// kept for the next attempt.
     async fn publish(
         &mut self,
-        items: Vec<Invalid>,
-    ) -> (Vec<Invalid>, Vec<Invalid>, Option<DeadLetterError>) {
-        let channel = match self.channel().await {
-            Ok(ch) => ch,
-            Err(e) => return (Vec::new(), items, Some(e)),
-        };
-        if self.conn.as_ref().is_some_and(|c| c.status().blocked()) {
-            return (Vec::new(), items, Some(AmqpError::Blocked.into()));
+        held: Vec<Held>,
+    ) -> (Vec<Invalid>, Vec<Held>, Option<DeadLetterError>) {
+        let blocked =
+            |conn: &Option<Connection>| conn.as_ref().is_some_and(|c| c.status().blocked());
+        if blocked(&self.conn) {
+            return (Vec::new(), held, Some(AmqpError::Blocked.into()));
         }
-        let exchange = self.cfg.dead_letter_exchange.as_str();
-        let mut error = None;
-        let mut confirms = Vec::with_capacity(items.len());
-        for item in &items {
-            let props = amqp::dead_letter_properties(
-                &item.raw.properties,
-                &item.rejection,
-                &item.raw.exchange,
-                &item.raw.routing_key,
-            );
+        let fresh = held.iter().any(|h| h.publishing.is_none());
+        let channel = match fresh {
+            true => match self.channel().await {
+                Ok(ch) => Some(ch),
+                Err(e) => return (Vec::new(), held, Some(e)),
+            },
+            false => None,
+        };
+        let mut items = Vec::with_capacity(held.len());
+        let mut publishing = Vec::with_capacity(held.len());
+        for h in held {
+            let fut = match (h.publishing, &channel) {
+                (Some(fut), _) => fut,
+                (None, Some(ch)) => self.publishing(ch, &h.item),
+                (None, None) => Box::pin(async { Err(AmqpError::Timeout(amqp::BROKER_TIMEOUT)) }),
+            };
+            items.push(h.item);
+            publishing.push(fut);
+        }
+        let mut outcomes: Vec<Option<Result<Confirmation, AmqpError>>> =
+            publishing.iter().map(|_| None).collect();
+        let deadline = tokio::time::sleep(amqp::BROKER_TIMEOUT);
+        tokio::pin!(deadline);
+        std::future::poll_fn(|cx| {
+            for (fut, outcome) in publishing.iter_mut().zip(outcomes.iter_mut()) {
+                if outcome.is_none() {
+                    if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+                        *outcome = Some(r);
+                    }
+                }
+            }
+            match outcomes.iter().all(Option::is_some) || deadline.as_mut().poll(cx).is_ready() {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+        .await;
+        let keep = blocked(&self.conn);
+        let (mut done, mut failed, mut error) = (Vec::new(), Vec::new(), None);
+        for ((item, fut), outcome) in items.into_iter().zip(publishing).zip(outcomes) {
+            let outcome = match outcome {
+                Some(Ok(Confirmation::Ack(None))) => {
+                    done.push(item);
+                    continue;
+                }
+                Some(Ok(Confirmation::Ack(Some(returned)))) => DeadLetterError::Unroutable(
+                    format!("{} {}", returned.reply_code, returned.reply_text),
+                ),
+                Some(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => {
+                    DeadLetterError::Nacked
+                }
+                Some(Err(e)) => e.into(),
+                None if keep => {
+                    failed.push(Held {
+                        item,
+                        publishing: Some(fut),
+                    });
+                    error.get_or_insert(AmqpError::Blocked.into());
+                    continue;
+                }
+                None => AmqpError::Timeout(amqp::BROKER_TIMEOUT).into(),
+            };
+            failed.push(Held {
+                item,
+                publishing: None,
+            });
+            error.get_or_insert(outcome);
+        }
+        (done, failed, error)
+    }
+
+    /// One dead-letter publish and its confirm, as a future of its own (it may outlive an
+    /// attempt; see [`Held`]).
+    fn publishing(&self, channel: &Channel, item: &Invalid) -> Publishing {
+        let props = amqp::dead_letter_properties(
+            &item.raw.properties,
+            &item.rejection,
+            &item.raw.exchange,
+            &item.raw.routing_key,
+        );
+        let (channel, data) = (channel.clone(), item.raw.data.clone());
+        let exchange = self.cfg.dead_letter_exchange.as_str().to_owned();
+        Box::pin(async move {
             let options = BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
             };
-            let publish =
-                channel.basic_publish(exchange.into(), "".into(), options, &item.raw.data, props);
-            match amqp::bounded(publish).await {
-                Ok(confirm) => confirms.push(confirm),
-                Err(e) => {
-                    error = Some(e.into());
-                    break;
-                }
-            }
-        }
-        let outcomes = match tokio::time::timeout(
-            amqp::BROKER_TIMEOUT,
-            futures_util::future::join_all(confirms),
-        )
-        .await
-        {
-            Ok(outcomes) => outcomes,
-            Err(_) => {
-                error.get_or_insert(AmqpError::Timeout(amqp::BROKER_TIMEOUT).into());
-                Vec::new()
-            }
-        };
-        let mut confirmed = Vec::with_capacity(outcomes.len());
-        for outcome in outcomes {
-            let outcome = match outcome {
-                Ok(Confirmation::Ack(None)) => Ok(()),
-                Ok(Confirmation::Ack(Some(returned))) => Err(DeadLetterError::Unroutable(format!(
-                    "{} {}",
-                    returned.reply_code, returned.reply_text
-                ))),
-                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
-                    Err(DeadLetterError::Nacked)
-                }
-                Err(e) => Err(e.into()),
-            };
-            confirmed.push(outcome.is_ok());
-            if let Err(e) = outcome {
-                error.get_or_insert(e);
-            }
-        }
-        confirmed.resize(items.len(), false);
-        let (done, failed): (Vec<_>, Vec<_>) = items
-            .into_iter()
-            .zip(confirmed)
-            .partition(|(_, confirmed)| *confirmed);
-        let strip = |v: Vec<(Invalid, bool)>| v.into_iter().map(|(i, _)| i).collect();
-        (strip(done), strip(failed), error)
+            let confirm = channel
+                .basic_publish(exchange.as_str().into(), "".into(), options, &data, props)
+                .await?;
+            Ok(confirm.await?)
+        })
     }
 
     /// The confirm channel on the dead-letter connection, opened (with the connection if it is
@@ -292,7 +343,7 @@ impl DeadLetter {
         }
         if !self.conn.as_ref().is_some_and(|c| c.status().connected()) {
             let name = "sistema-mensajes consumer dead letters";
-            self.conn = Some(amqp::bounded(amqp::connect(&self.uri, name)).await?);
+            self.conn = Some(amqp::bounded(amqp::connect(&self.uri, name, amqp::FRAME_MAX)).await?);
         }
         let conn = self
             .conn

@@ -18,6 +18,7 @@
 //! deliveries meanwhile.
 
 mod dead_letter;
+pub mod replay;
 pub mod settle;
 mod writer;
 
@@ -97,6 +98,7 @@ pub async fn run(
         schema = cfg.postgres.schema.as_str()
     );
 
+    let last_stored = db.latest().await;
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel::<Batch>(1);
     let writer = tracker.spawn(
@@ -109,7 +111,7 @@ pub async fn run(
             health: health.clone(),
             token: token.clone(),
             error_log: LogLimiter::new(5, Duration::from_secs(10)),
-            reference: crate::db::reference_reading(),
+            last_stored,
         }
         .run(rx)
         .instrument(info_span!("insert_batch")),
@@ -236,7 +238,8 @@ async fn open(
     metrics: &ConsumerMetrics,
 ) -> Result<Link, amqp::AmqpError> {
     amqp::bounded(async {
-        let conn = amqp::connect(uri, "sistema-mensajes consumer").await?;
+        let conn =
+            amqp::connect(uri, "sistema-mensajes consumer", amqp::CONSUMER_FRAME_MAX).await?;
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(cfg.amqp.prefetch, BasicQosOptions::default())

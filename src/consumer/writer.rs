@@ -46,9 +46,9 @@ pub struct Writer {
     pub token: CancellationToken,
     pub dead_letter: DeadLetter,
     pub error_log: LogLimiter,
-    /// A reading PostgreSQL accepted (the last batch's first stored one), to tell a refusal of
-    /// one row from a refusal of all: see [`Db::insert_isolating`].
-    pub reference: Reading,
+    /// A reading PostgreSQL accepted (the last batch's first stored one, or the table's latest),
+    /// to tell a refusal of one row from a refusal of all: see [`Db::insert_isolating`].
+    pub last_stored: Option<Reading>,
 }
 
 impl Writer {
@@ -139,7 +139,10 @@ impl Writer {
             }
         }
         let stored = tags.len();
+        // Stored: progress. Dead-lettering and acknowledging are bounded steps of their own.
+        self.health.work_started();
         tags.extend(self.dead_letter.send(&link, invalid, &self.metrics).await);
+        self.health.work_started();
         if settle(&link, &tags).await {
             let m = &self.metrics;
             m.processed.inc_by(stored as u64);
@@ -198,7 +201,7 @@ impl Writer {
                     if let Some(ok) = (0..rows.len())
                         .find(|i| refused.binary_search_by_key(i, |(r, _)| *r).is_err())
                     {
-                        self.reference.clone_from(&rows[ok]);
+                        self.last_stored = Some(rows[ok].clone());
                     }
                     return Some(refused);
                 }
@@ -250,16 +253,20 @@ impl Writer {
                     .await
                     .inspect_err(|_| self.metrics.postgres_connection_errors.inc())?;
                 info!("Connected to PostgreSQL again.");
+                if self.last_stored.is_none() {
+                    self.health.work_started();
+                    self.last_stored = db.latest().await;
+                }
                 db
             }
         };
         // Connected: progress. So is every statement of the insert.
         self.health.work_started();
+        let built_in = crate::db::reference_reading();
+        let references: Vec<&Reading> = self.last_stored.iter().chain([&built_in]).collect();
         let health = &self.health;
         let result = db
-            .insert_isolating(rows, maybe_stored, &self.reference, || {
-                health.work_started()
-            })
+            .insert_isolating(rows, maybe_stored, &references, || health.work_started())
             .await;
         self.db = Some(db);
         result
