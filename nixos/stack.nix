@@ -196,6 +196,9 @@ in
           "prometheus.tcp.port" = toString rabbitmqMetricsPort;
           # Per-queue figures on /metrics itself, alarms included (/metrics/per-object has none).
           "prometheus.return_per_object_metrics" = "true";
+          # A reading is a few hundred bytes; RabbitMQ's default allows 128 MiB a message, which a
+          # consumer must hold in memory whole before it can even reject it (README, "Memory").
+          "max_message_size" = toString (1024 * 1024);
         };
       };
 

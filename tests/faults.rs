@@ -327,3 +327,33 @@ async fn dead_letters_of_one_reason_are_replayed_once_the_cause_is_mended() {
     assert_eq!(left[0].0, b"not-json".to_vec());
     stop_consumer(running).await;
 }
+
+/// A body over `validation.max_message_bytes` is held (until dead-lettered) and dead-lettered cut
+/// to that size, not whole: the prefetch counts messages, and the broker takes up to 128 MiB each.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_too_large_message_is_held_and_dead_lettered_cut_to_the_limit() {
+    let names = Names::new("too-large");
+    names.create_schema().await;
+    let client = Client::connect().await;
+    names.predeclare_like_the_old_system(&client.channel).await;
+    let cfg = names.consumer_config();
+    let limit = cfg.validation.max_message_bytes;
+    let running = start_consumer(cfg);
+    wait_running(&running.0.health).await;
+    let body = vec![b'{'; 1 << 20];
+    client
+        .publish_all(
+            &names.exchange,
+            &names.routing_key,
+            &[(body.clone(), props())],
+        )
+        .await;
+    wait_until(LIMIT, "the message dead-lettered", || async {
+        client.ready(&names.dead_letter_queue).await == 1
+    })
+    .await;
+    let dead = client.drain(&names.dead_letter_queue).await;
+    assert_eq!(dead[0].1, "too_large");
+    assert_eq!(dead[0].0, body[..limit].to_vec(), "cut to {limit} bytes");
+    stop_consumer(running).await;
+}

@@ -428,6 +428,14 @@ fn decode(delivery: Delivery, max_bytes: usize) -> Delivered {
         routing_key,
     };
     let reading = reading::decode(&raw.data, raw.message_id(), max_bytes);
+    let mut raw = raw;
+    if matches!(&reading, Err(r) if r.reason == RejectReason::TooLarge) {
+        // Held until dead-lettered, perhaps for long: keep what an operator needs to see, not
+        // the whole body (the broker accepts up to 128 MiB a message, and the prefetch counts
+        // messages, not bytes). The detail gives the size it had.
+        raw.data.truncate(max_bytes);
+        raw.data.shrink_to_fit();
+    }
     Delivered {
         tag: delivery_tag,
         redelivered,
