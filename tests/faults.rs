@@ -125,10 +125,10 @@ async fn an_ip_literal_broker_address_is_not_replaced_by_localhost() {
     }
 }
 
-/// A message another client published with 20 KB of headers (more than the 16 KiB frames we
-/// used to ask for; the broker never splits a content header) is stored like any other, and
-/// does not hold up the 100 behind it; an invalid one with such headers is dead-lettered, its
-/// headers dropped so the copy fits.
+/// A message another client published with 20 KB of headers (more than our 16 KiB frames; the
+/// broker never splits a content header) is stored like any other, the consumer reconnecting
+/// once with larger frames, and does not hold up the 100 behind it; an invalid one with such
+/// headers is dead-lettered, its headers dropped so the copy fits our frames.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_with_large_headers_neither_blocks_the_queue_nor_the_dead_letter() {
     let names = Names::new("big-headers");

@@ -186,6 +186,10 @@ async fn read(
     token: &CancellationToken,
 ) -> Option<Arc<Link>> {
     let mut reconnect = retry::Reconnect::new(&cfg.retry);
+    // Small frames keep memory small (see [`amqp::FRAME_MAX`]) until a message's headers need
+    // more: RabbitMQ never splits them, and lapin closes a connection that receives a larger
+    // frame; that message would come back at the head of the queue forever.
+    let mut frame_max = amqp::FRAME_MAX;
     loop {
         health.set_phase(Phase::WaitingForBroker);
         let link = retry::until_ok(
@@ -194,7 +198,7 @@ async fn read(
             token,
             || {
                 health.beat();
-                open(cfg, uri, metrics)
+                open(cfg, uri, metrics, frame_max)
             },
             |e: &amqp::AmqpError| {
                 metrics.amqp_connection_errors.inc();
@@ -216,6 +220,11 @@ async fn read(
         reconnect.connected();
         match consume(cfg, &link, tx, health, token).await {
             Ok(()) => return Some(link),
+            Err(e) if amqp::is_frame_too_large(&e) && frame_max < amqp::LARGE_FRAME_MAX => {
+                link.close("consumer reconnecting").await;
+                warn!(message = "A message's headers do not fit in our frames; reconnecting with larger ones.", error = %e, error_type = "frame_too_large", stage = "receiving", frame_max = amqp::LARGE_FRAME_MAX);
+                frame_max = amqp::LARGE_FRAME_MAX;
+            }
             Err(e) => {
                 // Close it for good, so that whatever it had not settled is requeued now.
                 link.close("consumer reconnecting").await;
@@ -236,10 +245,10 @@ async fn open(
     cfg: &ConsumerConfig,
     uri: &Secret,
     metrics: &ConsumerMetrics,
+    frame_max: u32,
 ) -> Result<Link, amqp::AmqpError> {
     amqp::bounded(async {
-        let conn =
-            amqp::connect(uri, "sistema-mensajes consumer", amqp::CONSUMER_FRAME_MAX).await?;
+        let conn = amqp::connect(uri, "sistema-mensajes consumer", frame_max).await?;
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(cfg.amqp.prefetch, BasicQosOptions::default())

@@ -53,7 +53,7 @@ pub async fn run(cfg: &AmqpConfig, reason: Option<&str>) -> Result<Replayed, Rep
     let conn = amqp::bounded(amqp::connect(
         &uri,
         "sistema-mensajes replay",
-        amqp::CONSUMER_FRAME_MAX,
+        amqp::LARGE_FRAME_MAX,
     ))
     .await?;
     let result = replay(&conn, cfg, reason).await;
