@@ -357,3 +357,58 @@ async fn a_too_large_message_is_held_and_dead_lettered_cut_to_the_limit() {
     assert_eq!(dead[0].0, body[..limit].to_vec(), "cut to {limit} bytes");
     stop_consumer(running).await;
 }
+
+/// A dead-letter exchange redeclared as `direct` under a running consumer: our fanout declare
+/// gets PRECONDITION_FAILED on every attempt. Valid readings flow on; the invalid message is
+/// held, and the gauge and the status line say so (they used to say "database ok"); once the
+/// exchange is mended it is dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_exchange_of_the_wrong_type_holds_the_message_visibly() {
+    let names = Names::new("dlx-direct");
+    names.create_schema().await;
+    let client = Client::connect().await;
+    names.predeclare_like_the_old_system(&client.channel).await;
+    let running = start_consumer(names.consumer_config());
+    let (deps, _, _) = &running;
+    wait_running(&deps.health).await;
+    let dlx = names.dead_letter_exchange.as_str();
+    let ch = client.conn.create_channel().await.unwrap();
+    ch.exchange_delete(dlx.into(), Default::default())
+        .await
+        .unwrap();
+    ch.exchange_declare(
+        dlx.into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    client
+        .publish_all(
+            &names.exchange,
+            &names.routing_key,
+            &[(b"not-json".to_vec(), props())],
+        )
+        .await;
+    let ids = publish_readings(&client, &names, 200).await;
+    names.assert_stored_exactly(ids, LIMIT).await;
+    wait_until(LIMIT, "the invalid message held, visibly", || async {
+        deps.metrics.dead_letters_held.get() == 1
+            && consumer::status_line(&deps.metrics, &deps.health).contains("1 held")
+    })
+    .await;
+    assert_eq!(deps.metrics.pending.get(), 1);
+    ch.exchange_delete(dlx.into(), Default::default())
+        .await
+        .unwrap();
+    wait_until(LIMIT, "dead-lettered once the exchange is gone", || async {
+        client.ready(&names.dead_letter_queue).await == 1 && deps.metrics.pending.get() == 0
+    })
+    .await;
+    assert_eq!(deps.metrics.dead_letters_held.get(), 0);
+    stop_consumer(running).await;
+}
