@@ -150,7 +150,12 @@ pub fn is_frame_too_large(e: &lapin::Error) -> bool {
 }
 
 /// Connects; `name` shows in the RabbitMQ management UI. The URI holds the password: never log it.
-pub async fn connect(uri: &Secret, name: &str, frame_max: u32) -> lapin::Result<Connection> {
+/// `frame_max`: `None` for the URL's `?frame_max=`, else [`FRAME_MAX`]; `Some` forces a size.
+pub async fn connect(
+    uri: &Secret,
+    name: &str,
+    frame_max: Option<u32>,
+) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let uri = parse_uri(uri.expose(), frame_max).map_err(|e| {
         let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
@@ -164,7 +169,7 @@ pub async fn connect(uri: &Secret, name: &str, frame_max: u32) -> lapin::Result<
 /// `amqp://u:p@10.0.0.5/` would send the password to whatever listens on the local port. The
 /// host is taken from the URL's `host()` instead (an IPv6 address without its brackets, as the
 /// socket address parser wants it). The error never holds the URI.
-pub fn parse_uri(s: &str, frame_max: u32) -> Result<lapin::uri::AMQPUri, String> {
+pub fn parse_uri(s: &str, frame_max: Option<u32>) -> Result<lapin::uri::AMQPUri, String> {
     let url = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
     let host = match url.host() {
         Some(url::Host::Domain(d)) => percent_decode(d),
@@ -174,14 +179,14 @@ pub fn parse_uri(s: &str, frame_max: u32) -> Result<lapin::uri::AMQPUri, String>
     };
     let mut uri: lapin::uri::AMQPUri = s.parse().map_err(|_| "not an AMQP URL".to_owned())?;
     uri.authority.host = host;
-    uri.query.frame_max.get_or_insert(frame_max);
+    uri.query.frame_max = frame_max.or(uri.query.frame_max).or(Some(FRAME_MAX));
     Ok(uri)
 }
 
 fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("h={s}").as_bytes())
-        .next()
-        .map_or_else(|| s.to_owned(), |(_, v)| v.into_owned())
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// A channel in publisher-confirm mode.
@@ -389,6 +394,18 @@ pub fn dead_letter_properties(
     props
 }
 
+/// Marks a dead letter whose body was cut (`x-body-truncated`, `x-original-bytes`): it cannot be
+/// replayed as it is.
+pub fn mark_truncated(props: BasicProperties, original_bytes: usize) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert("x-body-truncated".into(), AMQPValue::Boolean(true));
+    headers.insert(
+        "x-original-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(original_bytes).unwrap_or(i64::MAX)),
+    );
+    props.with_headers(headers)
+}
+
 /// Roughly how many bytes `headers` take on the wire (an upper bound for strings and bytes).
 fn header_bytes(headers: &FieldTable) -> usize {
     fn value(v: &AMQPValue) -> usize {
@@ -442,13 +459,18 @@ mod tests {
             ("amqp://u:p@rabbit.example.org/", "rabbit.example.org"),
             ("amqps://rabbit-1/", "rabbit-1"),
         ] {
-            let uri = parse_uri(url, FRAME_MAX).unwrap();
+            let uri = parse_uri(url, None).unwrap();
             assert_eq!(uri.authority.host, host, "{url}");
             assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
         }
-        let uri = parse_uri("amqp://u:p@[2001:db8::1]:5673/v?frame_max=4096", FRAME_MAX).unwrap();
+        let uri = parse_uri("amqp://u:p@[2001:db8::1]:5673/v?frame_max=4096", None).unwrap();
         assert_eq!((uri.authority.port, uri.vhost.as_str()), (5673, "v"));
         assert_eq!(uri.query.frame_max, Some(4096));
+        // Forced (the consumer's larger frames), whatever the URL says.
+        let uri = parse_uri("amqp://h/?frame_max=4096", Some(LARGE_FRAME_MAX)).unwrap();
+        assert_eq!(uri.query.frame_max, Some(LARGE_FRAME_MAX));
+        let uri = parse_uri("amqp://rabbit%2Done+two/", None).unwrap();
+        assert_eq!(uri.authority.host, "rabbit-one+two");
     }
 
     #[test]
@@ -507,7 +529,7 @@ mod tests {
 
     #[test]
     fn a_bad_uri_is_not_echoed() {
-        let e = parse_uri("amqp://u:s3cret@[::1/", FRAME_MAX).unwrap_err();
+        let e = parse_uri("amqp://u:s3cret@[::1/", None).unwrap_err();
         assert!(!e.contains("s3cret"), "{e}");
     }
 }

@@ -34,6 +34,16 @@ pub struct CommonArgs {
 /// Loads and validates the config, and starts logging. `Err` carries the exit code: 78 for a bad
 /// config, 0 after `--check-config`.
 pub fn setup<C: DaemonConfig>(args: &CommonArgs, name: &str) -> Result<C, ExitCode> {
+    setup_checking(args, name, true)
+}
+
+/// [`setup`], reading the passwords at start only with `secrets` (a one-shot command that needs
+/// only some of them reads those itself).
+pub fn setup_checking<C: DaemonConfig>(
+    args: &CommonArgs,
+    name: &str,
+    secrets: bool,
+) -> Result<C, ExitCode> {
     let config_error = |e: config::ConfigError| {
         eprintln!("{name}: configuration error: {e}");
         ExitCode::from(EXIT_CONFIG)
@@ -44,7 +54,9 @@ pub fn setup<C: DaemonConfig>(args: &CommonArgs, name: &str) -> Result<C, ExitCo
         return Err(ExitCode::SUCCESS);
     }
     // Not for `--check-config`, which also runs where the secrets are not (a build, CI).
-    cfg.check_secrets().map_err(config_error)?;
+    if secrets {
+        cfg.check_secrets().map_err(config_error)?;
+    }
     match telemetry::init(cfg.log(), name) {
         Ok((target, fallback)) => {
             if let Some(why) = fallback {

@@ -351,7 +351,10 @@ impl Db {
         let mut any_accepted = false;
         while let Some((start, end)) = pending.pop() {
             progress();
-            let result = self.insert(&rows[start..end], true).await;
+            let result = match self.insert(&rows[start..end], true).await {
+                Err(e) if !e.is_data_error() => return Err(e),
+                result => result,
+            };
             if halves > 0 {
                 halves -= 1;
                 any_accepted |= result.is_ok();
@@ -397,11 +400,12 @@ impl Db {
         inserted.map(|_| ())
     }
 
-    /// The reading stored last, if the role may read it (it need not): a reference for
+    /// A recent reading (the greatest id: our ids are time-ordered, and the primary key's index
+    /// makes it one page), if the role may read it (it need not): a reference for
     /// [`Self::insert_isolating`] from the table itself, before this process stored any.
     pub async fn latest(&self) -> Option<Reading> {
         let sql = "SELECT message_id, station_id, temperature, humidity, pressure, measured_at \
-                   FROM weather_logs ORDER BY received_at DESC LIMIT 1";
+                   FROM weather_logs ORDER BY message_id DESC LIMIT 1";
         let row = self.bounded("read the latest reading", self.client.query_opt(sql, &[]));
         match row.await {
             Ok(Some(r)) => Some(Reading {

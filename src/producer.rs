@@ -249,7 +249,7 @@ async fn open(
     uri: &Secret,
 ) -> Result<(Connection, Channel), amqp::AmqpError> {
     amqp::bounded(async {
-        let conn = amqp::connect(uri, "sistema-mensajes producer", amqp::FRAME_MAX).await?;
+        let conn = amqp::connect(uri, "sistema-mensajes producer", None).await?;
         let channel = amqp::confirm_channel(&conn).await?;
         amqp::declare_topology(&channel, &cfg.amqp, false).await?;
         Ok::<_, amqp::AmqpError>((conn, channel))

@@ -303,7 +303,8 @@ async fn dead_letters_of_one_reason_are_replayed_once_the_cause_is_mended() {
         done,
         Replayed {
             replayed: 2,
-            skipped: 1
+            skipped: 1,
+            ..Default::default()
         }
     );
     ids.extend(bad);
@@ -319,7 +320,8 @@ async fn dead_letters_of_one_reason_are_replayed_once_the_cause_is_mended() {
         again,
         Replayed {
             replayed: 0,
-            skipped: 1
+            skipped: 1,
+            ..Default::default()
         }
     );
     let left = client.drain(&names.dead_letter_queue).await;
@@ -411,4 +413,97 @@ async fn a_dead_letter_exchange_of_the_wrong_type_holds_the_message_visibly() {
     .await;
     assert_eq!(deps.metrics.dead_letters_held.get(), 0);
     stop_consumer(running).await;
+}
+
+/// What cannot be replayed stays in place and is said: a dead letter whose body was cut
+/// (`too_large`), and one whose exchange is gone (the broker closes the channel: the replay goes
+/// on, on another). The run is reported incomplete; the good one is replayed all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_leaves_cut_and_unroutable_dead_letters_in_place_and_says_so() {
+    use sistema_mensajes::consumer::replay;
+    let names = Names::new("replay-partial");
+    names.create_schema().await;
+    let client = Client::connect().await;
+    names.predeclare_like_the_old_system(&client.channel).await;
+    let cfg = names.consumer_config();
+    let running = start_consumer(cfg.clone());
+    wait_running(&running.0.health).await;
+    client
+        .publish_all(
+            &names.exchange,
+            &names.routing_key,
+            &[(vec![b'x'; 5000], props())],
+        )
+        .await;
+    wait_until(LIMIT, "the large message dead-lettered", || async {
+        client.ready(&names.dead_letter_queue).await == 1
+    })
+    .await;
+    let dead_letter = |exchange: &str| {
+        let mut h = lapin::types::FieldTable::default();
+        let text = |s: &str| lapin::types::AMQPValue::LongString(s.into());
+        h.insert("x-rejection-reason".into(), text("database_rejected"));
+        h.insert("x-original-exchange".into(), text(exchange));
+        h.insert("x-original-routing-key".into(), text(&names.routing_key));
+        props().with_headers(h)
+    };
+    let id = uuid::Uuid::now_v7();
+    let gone = format!("{}-gone", names.exchange);
+    client
+        .publish_all(
+            "",
+            &names.dead_letter_queue,
+            &[
+                (reading_with_id(uuid::Uuid::now_v7()), dead_letter(&gone)),
+                (reading_with_id(id), dead_letter(&names.exchange)),
+            ],
+        )
+        .await;
+    let done = replay::run(&cfg.amqp, None).await.unwrap();
+    assert_eq!(
+        (done.replayed, done.truncated, done.failed, done.unexamined),
+        (1, 1, 1, 0),
+        "{done}"
+    );
+    assert!(!done.complete());
+    names.assert_stored_exactly(vec![id], LIMIT).await;
+    wait_until(LIMIT, "the two left in place", || async {
+        client.ready(&names.dead_letter_queue).await == 2
+    })
+    .await;
+    stop_consumer(running).await;
+}
+
+/// The command itself: it needs only the broker's password (a PostgreSQL password file that is
+/// missing does not stop it), prints its summary and exits 0 when everything was replayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_replay_command_prints_its_summary() {
+    let names = Names::new("replay-cli");
+    let client = Client::connect().await;
+    client
+        .channel
+        .queue_declare(
+            names.dead_letter_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_consumer"))
+        .arg("replay-dead-letters")
+        .envs(names.consumer_env())
+        .env("CONSUMER_POSTGRES__PASSWORD_FILE", "/nonexistent/pw")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("0 replayed, 0 of other reasons left in place"),
+        "{stdout}"
+    );
 }

@@ -59,9 +59,7 @@ async fn connect_as(cfg: &AmqpConfig, user: &str, password_file: &Path) -> Conne
     let password = std::fs::read_to_string(password_file).unwrap();
     let uri =
         AmqpConfig { url, ..cfg.clone() }.connect_uri(Some(&Secret::new(password.trim_end())));
-    amqp::connect(&uri, "provision-test", amqp::FRAME_MAX)
-        .await
-        .unwrap()
+    amqp::connect(&uri, "provision-test", None).await.unwrap()
 }
 
 /// Declaring a queue outside our names must be refused (ACCESS_REFUSED closes the channel).

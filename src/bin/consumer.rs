@@ -33,15 +33,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let run = || -> Result<(), ExitCode> {
-        let cfg: ConsumerConfig = daemon::setup(&cli.common, "consumer")?;
+        let daemon = cli.command.is_none();
+        let cfg: ConsumerConfig = daemon::setup_checking(&cli.common, "consumer", daemon)?;
         if let Some(Command::ReplayDeadLetters { reason }) = &cli.command {
             let done = daemon::runtime()?.block_on(replay::run(&cfg.amqp, reason.as_deref()));
-            return daemon::report(done.map(|d| {
-                println!(
-                    "{} replayed, {} of other reasons left in place",
-                    d.replayed, d.skipped
-                )
-            }));
+            return daemon::report(done.and_then(replay::Replayed::finished));
         }
         let deps = Deps::default();
         let (metrics, health) = (deps.metrics.clone(), deps.health.clone());

@@ -39,6 +39,8 @@ pub struct Raw {
     pub properties: BasicProperties,
     pub exchange: ShortString,
     pub routing_key: ShortString,
+    /// The body's size before it was cut (a `too_large` body is kept only in part).
+    pub truncated_from: Option<usize>,
 }
 
 impl Raw {
@@ -74,8 +76,10 @@ type Publishing = BoxFuture<'static, Result<Confirmation, AmqpError>>;
 
 /// A message waiting for the dead-letter queue, with its publish if one is still under way: one
 /// that met a broker alarm (RabbitMQ says `connection.blocked` only when a publish arrives) is
-/// kept, not given up, since lapin would send its frames once unblocked anyway, and a second
-/// publish would put the message in the dead-letter queue twice.
+/// kept for the next attempt, not given up, since lapin would send its frames once unblocked
+/// anyway, and a second publish would put the message in the dead-letter queue twice. (If its
+/// link closes meanwhile, the broker requeues the original and the kept publish is dropped: the
+/// dead-letter queue may then get a second copy, with the same message id.)
 struct Held {
     item: Invalid,
     publishing: Option<Publishing>,
@@ -173,14 +177,14 @@ impl DeadLetter {
             self.held.clear();
             self.held_link = None;
             metrics.dead_letters_held.set(0);
+            metrics.blocked.set(0);
         }
     }
 
     async fn attempt(&mut self, metrics: &ConsumerMetrics) -> Vec<u64> {
         let items = std::mem::take(&mut self.held);
         let (done, failed, error) = self.publish(items).await;
-        let blocked = self.conn.as_ref().is_some_and(|c| c.status().blocked());
-        metrics.blocked.set(i64::from(blocked));
+
         let now = Instant::now();
         for item in &done {
             metrics
@@ -200,6 +204,15 @@ impl DeadLetter {
         }
         self.held = failed;
         metrics.dead_letters_held.set(self.held.len() as i64);
+        // Whether RabbitMQ blocks us while we have something to publish: with nothing held, a
+        // block does not matter, and nothing would refresh the gauge until the next dead letter.
+        let blocked = self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.status().connected() && c.status().blocked());
+        metrics
+            .blocked
+            .set(i64::from(blocked && !self.held.is_empty()));
         match error {
             None => {
                 if self.failing {
@@ -234,8 +247,17 @@ impl DeadLetter {
         &mut self,
         held: Vec<Held>,
     ) -> (Vec<Invalid>, Vec<Held>, Option<DeadLetterError>) {
-        let blocked =
-            |conn: &Option<Connection>| conn.as_ref().is_some_and(|c| c.status().blocked());
+        if self.conn.as_ref().is_some_and(|c| !c.status().connected()) {
+            // Gone (a broker restart, say): lapin keeps a dead connection's `blocked` flag, so
+            // forget it here, or it would look blocked forever. Publishes kept from it have
+            // failed with it, and are made again below.
+            self.conn = None;
+            self.channel = None;
+        }
+        let blocked = |conn: &Option<Connection>| {
+            conn.as_ref()
+                .is_some_and(|c| c.status().connected() && c.status().blocked())
+        };
         if blocked(&self.conn) {
             return (Vec::new(), held, Some(AmqpError::Blocked.into()));
         }
@@ -319,6 +341,10 @@ impl DeadLetter {
             &item.raw.exchange,
             &item.raw.routing_key,
         );
+        let props = match item.raw.truncated_from {
+            Some(bytes) => amqp::mark_truncated(props, bytes),
+            None => props,
+        };
         let (channel, data) = (channel.clone(), item.raw.data.clone());
         let exchange = self.cfg.dead_letter_exchange.as_str().to_owned();
         Box::pin(async move {
@@ -343,7 +369,7 @@ impl DeadLetter {
         }
         if !self.conn.as_ref().is_some_and(|c| c.status().connected()) {
             let name = "sistema-mensajes consumer dead letters";
-            self.conn = Some(amqp::bounded(amqp::connect(&self.uri, name, amqp::FRAME_MAX)).await?);
+            self.conn = Some(amqp::bounded(amqp::connect(&self.uri, name, None)).await?);
         }
         let conn = self
             .conn

@@ -189,7 +189,7 @@ async fn read(
     // Small frames keep memory small (see [`amqp::FRAME_MAX`]) until a message's headers need
     // more: RabbitMQ never splits them, and lapin closes a connection that receives a larger
     // frame; that message would come back at the head of the queue forever.
-    let mut frame_max = amqp::FRAME_MAX;
+    let mut frame_max = None;
     loop {
         health.set_phase(Phase::WaitingForBroker);
         let link = retry::until_ok(
@@ -220,10 +220,10 @@ async fn read(
         reconnect.connected();
         match consume(cfg, &link, tx, health, token).await {
             Ok(()) => return Some(link),
-            Err(e) if amqp::is_frame_too_large(&e) && frame_max < amqp::LARGE_FRAME_MAX => {
+            Err(e) if amqp::is_frame_too_large(&e) && frame_max.is_none() => {
                 link.close("consumer reconnecting").await;
                 warn!(message = "A message's headers do not fit in our frames; reconnecting with larger ones.", error = %e, error_type = "frame_too_large", stage = "receiving", frame_max = amqp::LARGE_FRAME_MAX);
-                frame_max = amqp::LARGE_FRAME_MAX;
+                frame_max = Some(amqp::LARGE_FRAME_MAX);
             }
             Err(e) => {
                 // Close it for good, so that whatever it had not settled is requeued now.
@@ -245,7 +245,7 @@ async fn open(
     cfg: &ConsumerConfig,
     uri: &Secret,
     metrics: &ConsumerMetrics,
-    frame_max: u32,
+    frame_max: Option<u32>,
 ) -> Result<Link, amqp::AmqpError> {
     amqp::bounded(async {
         let conn = amqp::connect(uri, "sistema-mensajes consumer", frame_max).await?;
@@ -430,18 +430,19 @@ fn decode(delivery: Delivery, max_bytes: usize) -> Delivered {
         data,
         ..
     } = delivery;
-    let raw = Raw {
+    let mut raw = Raw {
         data,
         properties,
         exchange,
         routing_key,
+        truncated_from: None,
     };
     let reading = reading::decode(&raw.data, raw.message_id(), max_bytes);
-    let mut raw = raw;
     if matches!(&reading, Err(r) if r.reason == RejectReason::TooLarge) {
         // Held until dead-lettered, perhaps for long: keep what an operator needs to see, not
         // the whole body (the broker accepts up to 128 MiB a message, and the prefetch counts
-        // messages, not bytes). The detail gives the size it had.
+        // messages, not bytes). The dead letter says it was cut, and from what size.
+        raw.truncated_from = Some(raw.data.len());
         raw.data.truncate(max_bytes);
         raw.data.shrink_to_fit();
     }

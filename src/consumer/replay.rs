@@ -17,7 +17,7 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::amqp::{self, AmqpError};
 use crate::config::{AmqpConfig, ConfigError};
@@ -34,6 +34,40 @@ pub struct Replayed {
     pub replayed: u64,
     /// Of another reason, left in the dead-letter queue.
     pub skipped: u64,
+    /// Left in place because their body was cut when they were dead-lettered (`too_large`).
+    pub truncated: u64,
+    /// Left in place because the broker did not take them (returned as unroutable, nacked, or
+    /// their exchange gone).
+    pub failed: u64,
+    /// Not looked at: the run ended first (more than 10,000 left in place ahead of them, or the
+    /// queue went quiet). Run it again.
+    pub unexamined: u64,
+}
+
+impl Replayed {
+    /// Whether every message of the reason asked for was replayed.
+    pub fn complete(&self) -> bool {
+        self.failed == 0 && self.unexamined == 0
+    }
+
+    /// Prints the summary; `Err` if the run left messages of the reason asked for behind.
+    pub fn finished(self) -> Result<(), ReplayError> {
+        println!("{self}");
+        match self.complete() {
+            true => Ok(()),
+            false => Err(ReplayError::Incomplete(self)),
+        }
+    }
+}
+
+impl std::fmt::Display for Replayed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} replayed, {} of other reasons left in place, {} truncated left in place, {} refused by the broker left in place, {} not examined",
+            self.replayed, self.skipped, self.truncated, self.failed, self.unexamined
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +76,8 @@ pub enum ReplayError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Amqp(#[from] AmqpError),
-    #[error("the broker did not take a replayed message ({0}); it stays in the dead-letter queue")]
-    Refused(String),
+    #[error("not every dead letter was replayed ({0}); run it again once the cause is found")]
+    Incomplete(Replayed),
 }
 
 /// Moves the dead letters of `reason` (all, if `None`) back; see the module's doc.
@@ -53,7 +87,7 @@ pub async fn run(cfg: &AmqpConfig, reason: Option<&str>) -> Result<Replayed, Rep
     let conn = amqp::bounded(amqp::connect(
         &uri,
         "sistema-mensajes replay",
-        amqp::LARGE_FRAME_MAX,
+        Some(amqp::LARGE_FRAME_MAX),
     ))
     .await?;
     let result = replay(&conn, cfg, reason).await;
@@ -81,7 +115,7 @@ async fn replay(
         Ok::<_, AmqpError>((ch, u64::from(q.message_count())))
     })
     .await?;
-    let writer = amqp::bounded(amqp::confirm_channel(conn)).await?;
+    let mut writer = amqp::bounded(amqp::confirm_channel(conn)).await?;
     let mut deliveries = amqp::bounded(reader.basic_consume(
         queue.into(),
         "sistema-mensajes-replay".into(),
@@ -98,14 +132,24 @@ async fn replay(
     let mut done = Replayed::default();
     // Only what was there at the start: what the consumer dead-letters again meanwhile is not
     // replayed in a loop.
-    while done.replayed + done.skipped < total {
+    let mut seen = 0;
+    while seen < total {
         let delivery = match tokio::time::timeout(QUIET, deliveries.next()).await {
             Ok(Some(d)) => d.map_err(AmqpError::from)?,
             Ok(None) | Err(_) => break,
         };
+        seen += 1;
         let props = &delivery.properties;
         if reason.is_some_and(|r| amqp::header_str(props, "x-rejection-reason") != Some(r)) {
             done.skipped += 1;
+            continue;
+        }
+        if props
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key("x-body-truncated"))
+        {
+            done.truncated += 1;
             continue;
         }
         let exchange =
@@ -123,27 +167,33 @@ async fn replay(
             &delivery.data,
             original_properties(props),
         );
-        let confirm = amqp::bounded(publish).await?;
-        match amqp::bounded(confirm).await? {
-            Confirmation::Ack(None) => {}
-            Confirmation::Ack(Some(returned)) => {
-                return Err(ReplayError::Refused(format!(
-                    "returned as unroutable from `{exchange}` with key `{key}`: {} {}",
-                    returned.reply_code, returned.reply_text
-                )))
+        let outcome = match amqp::bounded(publish).await {
+            Ok(confirm) => amqp::bounded(confirm).await,
+            Err(e) => Err(e),
+        };
+        let refused = match outcome {
+            Ok(Confirmation::Ack(None)) => None,
+            Ok(Confirmation::Ack(Some(returned))) => Some(format!(
+                "returned as unroutable ({} {})",
+                returned.reply_code, returned.reply_text
+            )),
+            Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => Some("nacked".to_owned()),
+            // A missing exchange closes the channel (NOT_FOUND): open another and go on.
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = refused {
+            warn!(message = "The broker did not take a replayed message; it stays in the dead-letter queue.", exchange, routing_key = key, why);
+            done.failed += 1;
+            if !writer.status().connected() {
+                writer = amqp::bounded(amqp::confirm_channel(conn)).await?;
             }
-            Confirmation::Nack(_) | Confirmation::NotRequested => {
-                return Err(ReplayError::Refused("nacked".into()))
-            }
+            continue;
         }
         amqp::bounded(delivery.acker.ack(BasicAckOptions::default())).await?;
         done.replayed += 1;
     }
-    info!(
-        message = "Replayed dead letters.",
-        replayed = done.replayed,
-        left_in_place = done.skipped
-    );
+    done.unexamined = total - seen;
+    info!(message = "Replayed dead letters.", summary = %done);
     Ok(done)
 }
 
