@@ -400,12 +400,14 @@ impl Db {
         inserted.map(|_| ())
     }
 
-    /// A recent reading (the greatest id: our ids are time-ordered, and the primary key's index
-    /// makes it one page), if the role may read it (it need not): a reference for
-    /// [`Self::insert_isolating`] from the table itself, before this process stored any.
+    /// Some reading the table holds, if the role may read it (it need not): a reference for
+    /// [`Self::insert_isolating`] before this process stored any. Any row will do (its id and
+    /// time are replaced), and `LIMIT 1` without an order costs one page however large the
+    /// table; ordering by `received_at` would sort the whole table, and ids are not all
+    /// time-ordered.
     pub async fn latest(&self) -> Option<Reading> {
         let sql = "SELECT message_id, station_id, temperature, humidity, pressure, measured_at \
-                   FROM weather_logs ORDER BY message_id DESC LIMIT 1";
+                   FROM weather_logs LIMIT 1";
         let row = self.bounded("read the latest reading", self.client.query_opt(sql, &[]));
         match row.await {
             Ok(Some(r)) => Some(Reading {

@@ -45,6 +45,17 @@ impl Drop for MemoryAlarm {
     }
 }
 
+/// Closes, from the broker's side, the connection whose client named itself `name`.
+fn close_connection_named(name: &str) {
+    let list = rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"]);
+    let pid = list
+        .lines()
+        .find(|l| l.contains(&format!("\"{name}\"")))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no connection named {name}: {list}"));
+    rabbitmqctl(&["close_connection", pid, "closed by the test"]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_memory_alarm_neither_wedges_the_consumer_nor_stalls_the_producer() {
     let names = Names::new("alarm");
@@ -82,6 +93,10 @@ async fn a_memory_alarm_neither_wedges_the_consumer_nor_stalls_the_producer() {
     .await;
     let status = consumer::status_line(&deps.metrics, &deps.health);
     assert!(status.contains("RabbitMQ blocks publishers"), "{status}");
+
+    // The blocked dead-letter connection dies (a broker restart would do the same). lapin keeps
+    // a dead connection's `blocked` flag: taken at its word, dead-lettering stopped for good.
+    close_connection_named("sistema-mensajes consumer dead letters");
 
     // The producer waits, healthily: its loop keeps beating and its status says why.
     let producing = producer::Deps::default();

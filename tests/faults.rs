@@ -324,6 +324,11 @@ async fn dead_letters_of_one_reason_are_replayed_once_the_cause_is_mended() {
             ..Default::default()
         }
     );
+    // Back in the queue once the replay's connection has closed (the broker requeues it then).
+    wait_until(LIMIT, "the malformed message back in the queue", || async {
+        client.ready(&names.dead_letter_queue).await == 1
+    })
+    .await;
     let left = client.drain(&names.dead_letter_queue).await;
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].0, b"not-json".to_vec());

@@ -155,6 +155,7 @@ impl DeadLetter {
             publishing: None,
         }));
         self.held_link = Some(link.clone());
+        metrics.dead_letters_held.set(self.held.len() as i64);
         let backing_off = self
             .retry_at
             .is_some_and(|at| at > tokio::time::Instant::now());

@@ -22,9 +22,6 @@ use tracing::{info, warn};
 use crate::amqp::{self, AmqpError};
 use crate::config::{AmqpConfig, ConfigError};
 
-/// Most dead letters held unacknowledged at once (those of other reasons are held to the end).
-const PREFETCH: u16 = 10_000;
-
 /// With nothing more delivered for this long, the queue is taken to be read through.
 const QUIET: Duration = Duration::from_secs(2);
 
@@ -39,8 +36,8 @@ pub struct Replayed {
     /// Left in place because the broker did not take them (returned as unroutable, nacked, or
     /// their exchange gone).
     pub failed: u64,
-    /// Not looked at: the run ended first (more than 10,000 left in place ahead of them, or the
-    /// queue went quiet). Run it again.
+    /// Not looked at: the run ended first (the queue went quiet, or RabbitMQ stopped taking
+    /// publishes). Run it again.
     pub unexamined: u64,
 }
 
@@ -111,7 +108,7 @@ async fn replay(
         let q = ch
             .queue_declare(queue.into(), passive, FieldTable::default())
             .await?;
-        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        ch.basic_qos(0, BasicQosOptions::default()).await?;
         Ok::<_, AmqpError>((ch, u64::from(q.message_count())))
     })
     .await?;
@@ -144,11 +141,13 @@ async fn replay(
             done.skipped += 1;
             continue;
         }
-        if props
+        // Cut when dead-lettered: marked so since the cut was made; `too_large` ones from before
+        // carry no mark, but were cut all the same.
+        let cut = props
             .headers()
             .as_ref()
-            .is_some_and(|h| h.inner().contains_key("x-body-truncated"))
-        {
+            .is_some_and(|h| h.inner().contains_key("x-body-truncated"));
+        if cut || amqp::header_str(props, "x-rejection-reason") == Some("too_large") {
             done.truncated += 1;
             continue;
         }
@@ -171,6 +170,18 @@ async fn replay(
             Ok(confirm) => amqp::bounded(confirm).await,
             Err(e) => Err(e),
         };
+        if matches!(outcome, Err(AmqpError::Timeout(_))) || conn.status().blocked() {
+            // No answer, or RabbitMQ blocks our publishes (an alarm): the publish may still go
+            // out once unblocked, so it is neither failed nor retried; stop here, and it goes back
+            // to the dead-letter queue unacknowledged with the rest.
+            warn!(
+                message = "RabbitMQ does not take publishes now (an alarm?); stopping the replay.",
+                exchange,
+                routing_key = key
+            );
+            seen -= 1;
+            break;
+        }
         let refused = match outcome {
             Ok(Confirmation::Ack(None)) => None,
             Ok(Confirmation::Ack(Some(returned))) => Some(format!(
