@@ -121,6 +121,7 @@ pub enum QueueType {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     /// AMQP URI without the password, e.g. `amqp://guest@127.0.0.1:5672/%2f`.
+    #[serde(deserialize_with = "quiet_url")]
     pub url: Url,
     /// File holding the password. Without it, the credential `amqp-password` is used if present.
     pub password_file: Option<PathBuf>,
@@ -158,6 +159,7 @@ impl Default for AmqpConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     /// `postgres://user@host:port/dbname` without the password.
+    #[serde(deserialize_with = "quiet_url")]
     pub url: Url,
     /// File holding the password. Without it, the credential `postgres-password` is used if present.
     pub password_file: Option<PathBuf>,
@@ -467,11 +469,33 @@ fn validate_common(
     Ok(())
 }
 
+/// A URL from the config. `Url`'s own `Deserialize` quotes the text it cannot parse, and that
+/// text may hold a password; this error says only what is wrong (figment adds the key).
+fn quiet_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
+    let text = String::deserialize(d)?;
+    Url::parse(&text).map_err(|e| serde::de::Error::custom(format!("not a valid URL ({e})")))
+}
+
+/// `url` with its password replaced: the one after the user name, and any query parameter named
+/// `password` (libpq reads one there).
 fn redact_url(url: &Url) -> Url {
     let mut url = url.clone();
     if url.password().is_some() {
         // set_password only fails for URLs that cannot have one, which then have none to hide.
         let _ = url.set_password(Some(REDACTED));
+    }
+    if url
+        .query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+    {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| match k.eq_ignore_ascii_case("password") {
+                true => (k.into_owned(), REDACTED.to_owned()),
+                false => (k.into_owned(), v.into_owned()),
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
     }
     url
 }
@@ -770,6 +794,30 @@ mod tests {
         let text = render(&c);
         assert!(!text.contains("topsecret"), "{text}");
         assert!(text.contains("REDACTED"), "{text}");
+        c.postgres.url =
+            Url::parse("postgres://u@h/db?sslmode=disable&Password=topsecret&host=h").unwrap();
+        let text = render(&c);
+        assert!(!text.contains("topsecret"), "{text}");
+        assert!(
+            text.contains("sslmode=disable&Password=REDACTED&host=h"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_url_that_does_not_parse_is_not_echoed() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[postgres]\nurl = \"postgres://u:topsecret@[::1/db\"\n",
+            )?;
+            let err = load::<ConsumerConfig>(Some(Path::new("c.toml"))).unwrap_err();
+            let text = err.to_string();
+            assert!(!text.contains("topsecret"), "{text}");
+            assert!(text.contains("postgres.url"), "{text}");
+            assert!(text.contains("not a valid URL"), "{text}");
+            Ok(())
+        });
     }
 
     #[test]

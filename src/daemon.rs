@@ -44,6 +44,7 @@ pub fn setup_checking<C: DaemonConfig>(
     name: &str,
     secrets: bool,
 ) -> Result<C, ExitCode> {
+    no_core_dumps(name);
     let config_error = |e: config::ConfigError| {
         eprintln!("{name}: configuration error: {e}");
         ExitCode::from(EXIT_CONFIG)
@@ -67,6 +68,22 @@ pub fn setup_checking<C: DaemonConfig>(
         Err(e) => eprintln!("{name}: cannot start logging: {e}"),
     }
     Ok(cfg)
+}
+
+/// Sets this process's core-file limit to zero, soft and hard, so no crash (a watchdog abort
+/// included) writes the passwords it holds to a core file or to systemd-coredump. The units also
+/// say `LimitCORE=0`; this covers a daemon started by hand. (`PR_SET_DUMPABLE=0` would also keep
+/// processes of the same user out of `/proc/<pid>/mem`; under `DynamicUser=yes` no other process
+/// has our user, and it would make our own `/proc/self` files root's.)
+pub fn no_core_dumps(name: &str) {
+    use rustix::process::{setrlimit, Resource, Rlimit};
+    let zero = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    if let Err(e) = setrlimit(Resource::Core, zero) {
+        eprintln!("{name}: cannot disable core dumps: {e}");
+    }
 }
 
 /// The exit of a one-shot command: 0, or the error logged (the whole chain) and 1.

@@ -3,18 +3,24 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// A string whose `Debug` and `Display` print `REDACTED`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+use secrecy::{ExposeSecret, SecretString};
+
+/// A password: [`secrecy::SecretString`], which zeroes its memory when dropped and has no
+/// `Display` (its `Debug` prints `[REDACTED]`), plus our `Display` of `REDACTED` so a secret can
+/// sit in a rendered message without being in it. What connects copies it (lapin's URI,
+/// tokio-postgres' config); those copies are theirs, which is why the process also never dumps core
+/// ([`crate::daemon::no_core_dumps`]).
+#[derive(Clone)]
+pub struct Secret(SecretString);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(SecretString::from(value.into()))
     }
 
     /// The secret itself. Call only where it leaves the process towards the server that needs it.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 }
 

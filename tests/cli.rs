@@ -60,6 +60,10 @@ fn check_config_prints_the_effective_config_without_passwords() {
                 "amqp://bob:inline-secret-456@rabbit:5672/%2f",
             ),
             ("CONSUMER_POSTGRES__PASSWORD_FILE", pw.to_str().unwrap()),
+            (
+                "CONSUMER_POSTGRES__URL",
+                "postgres://weather@db/weather?password=query-secret-789&sslmode=disable",
+            ),
             ("CONSUMER_BATCH__MAX_SIZE", "250"),
         ],
     );
@@ -71,10 +75,79 @@ fn check_config_prints_the_effective_config_without_passwords() {
         "{stdout}"
     );
     assert!(
-        !stdout.contains("inline-secret-456") && !stdout.contains("file-secret-123"),
+        stdout.contains("password=REDACTED&sslmode=disable"),
         "{stdout}"
     );
+    for secret in ["inline-secret-456", "file-secret-123", "query-secret-789"] {
+        assert!(!stdout.contains(secret), "{secret} in {stdout}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_url_that_does_not_parse_is_named_not_echoed() {
+    for (bin, key, url) in [
+        (
+            CONSUMER,
+            "CONSUMER_POSTGRES__URL",
+            "postgres://u:pg-secret-1@[db/x",
+        ),
+        (
+            CONSUMER,
+            "CONSUMER_AMQP__URL",
+            "amqp://u:amqp-secret-2@h:99999/%2f",
+        ),
+        (
+            PRODUCER,
+            "PRODUCER_AMQP__URL",
+            "amqp://u:amqp-secret-3@[::1/%2f",
+        ),
+    ] {
+        for args in [&["--check-config"][..], &[]] {
+            let out = run(bin, args, &[(key, url)]);
+            let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+            assert_eq!(out.status.code(), Some(78), "{stderr}");
+            assert!(stderr.contains("not a valid URL"), "{stderr}");
+            let key = key
+                .split_once('_')
+                .unwrap()
+                .1
+                .replace("__", ".")
+                .to_lowercase();
+            assert!(
+                stderr.to_lowercase().contains(&key),
+                "{key} not named: {stderr}"
+            );
+            assert!(
+                !stderr.contains("-secret-") && !stdout.contains("-secret-"),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_running_daemon_cannot_dump_core() {
+    // A "broker" that accepts TCP and never answers keeps the producer running while we look.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let mut child = Command::new(PRODUCER)
+        .args(["--send", r#"{"station_id": "S-1"}"#])
+        .env("PRODUCER_AMQP__URL", &url)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (_conn, _) = silent.accept().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<_> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "soft and hard limits: {core}");
 }
 
 #[test]
