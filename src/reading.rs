@@ -270,15 +270,33 @@ fn string<'f>(field: &'static str, v: &'f Field) -> Result<&'f str, Rejection> {
     }
 }
 
+/// Whether `c` may be in a station id: a letter or digit of any script, or printable ASCII
+/// (space and punctuation). Nothing invisible, no control, no direction override, no line or
+/// paragraph separator, no combining mark, no symbol: two ids that print alike are then alike
+/// byte for byte, except for letters of different scripts that look alike (Latin `a`, Cyrillic
+/// `а`), which no rule short of ASCII-only can tell apart.
+pub fn station_id_char(c: char) -> bool {
+    c.is_alphanumeric() || (' '..='~').contains(&c)
+}
+
 fn station_id(v: &Option<Field>) -> Result<String, Rejection> {
     let s = string("station_id", required("station_id", v)?)?;
     let chars = s.chars().count();
-    if s.trim().is_empty() || chars > MAX_STATION_ID_CHARS || s.chars().any(char::is_control) {
-        return Err(Rejection::new(
-            RejectReason::InvalidStationId,
-            format!(
-                "field `station_id` must be 1 to {MAX_STATION_ID_CHARS} printable characters, found {chars}"
-            ),
+    let invalid = |what: String| Rejection::new(RejectReason::InvalidStationId, what);
+    if s.trim().is_empty() || chars > MAX_STATION_ID_CHARS {
+        return Err(invalid(format!(
+            "field `station_id` must be 1 to {MAX_STATION_ID_CHARS} characters, not all spaces; found {chars}"
+        )));
+    }
+    if let Some(c) = s.chars().find(|&c| !station_id_char(c)) {
+        return Err(invalid(format!(
+            "field `station_id` may hold only letters, digits and printable ASCII; found U+{:04X}",
+            c as u32
+        )));
+    }
+    if s.trim() != s {
+        return Err(invalid(
+            "field `station_id` must not begin or end with a space".into(),
         ));
     }
     Ok(s.to_owned())
@@ -575,13 +593,32 @@ mod tests {
             bad(body("\"S\"", "1", "1", "1000", at), InvalidTimestamp);
         }
         let long = "é".repeat(MAX_STATION_ID_CHARS);
-        for station in ["\"ÅØ-東京-🌧\"", "\"x\"", &format!("\"{long}\"")] {
+        for station in [
+            "\"ÅØ-東京-٣\"",
+            "\"x\"",
+            "\"Station 7 (roof) #2/a:b\"",
+            &format!("\"{long}\""),
+        ] {
             ok(body(station, "1", "1", "1000", at));
         }
         bad(
             body(&format!("\"{long}x\""), "1", "1", "1000", at),
             InvalidStationId,
         );
+        // Look-alikes: invisible, direction-changing, separators, combining marks, symbols,
+        // spaces that are not U+0020, and padding.
+        for c in [
+            "\\u200b", "\\u200d", "\\u202e", "\\u2066", "\\u2028", "\\u2029", "\\ufeff", "\\u0301",
+            "\\u00a0", "\\u3000", "\\u00ad", "🌧", "\\ue000",
+        ] {
+            bad(
+                body(&format!("\"S-1{c}\""), "1", "1", "1000", at),
+                InvalidStationId,
+            );
+        }
+        for padded in ["\" S-1\"", "\"S-1 \""] {
+            bad(body(padded, "1", "1", "1000", at), InvalidStationId);
+        }
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::filter::{FilterExt, Targets};
+use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -75,12 +77,56 @@ pub fn init(
     let layer = if cfg.format == LogFormat::Json {
         stderr.json().boxed()
     } else {
-        stderr.with_ansi(false).boxed()
+        stderr.with_ansi(false).fmt_fields(escaped_fields()).boxed()
     };
     tracing_subscriber::registry()
         .with(layer.with_filter(filter))
         .try_init()?;
     Ok((LogTarget::Stderr, fallback_reason))
+}
+
+/// The text format's fields, each written as `name=value` (the message bare) with every
+/// character that could forge a log line or hide text escaped as `\u{..}`: a message's `detail`
+/// or a station id is the sender's text, and a raw newline, ESC or bidi override in it would start
+/// a fake line, recolour the terminal, or reverse what follows. (JSON escapes its own controls;
+/// journald keeps each field apart.)
+fn escaped_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let raw = format!("{value:?}");
+        let text = escape_unprintable(&raw);
+        match field.name() {
+            // Our own text; a `str` records through `Debug`, which quotes it.
+            "message" => {
+                let bare = text.strip_prefix('"').and_then(|t| t.strip_suffix('"'));
+                write!(w, "{}", bare.unwrap_or(&text))
+            }
+            name => write!(w, "{name}={text}"),
+        }
+    })
+    .delimited(" ")
+}
+
+/// Characters that do not print as themselves: controls (newline, ESC), and the invisible or
+/// direction-changing format characters (zero-width spaces and joiners, bidi embeddings,
+/// overrides and isolates, line and paragraph separators, BOM).
+pub fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
+fn escape_unprintable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(is_unprintable) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| match is_unprintable(c) {
+            true => format!("\\u{{{:x}}}", c as u32),
+            false => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Lets through at most `burst` events per `window`, and counts the rest, so one bad message per
@@ -126,6 +172,44 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_logs_escape_what_could_forge_a_line_or_hide_text() {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .map_err(|_| std::io::ErrorKind::Other)?
+                    .extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .fmt_fields(escaped_fields());
+        let sender = "x\n2026-01-01T00:00:00Z ERROR forged\u{1b}[31m\u{202e}dier\u{2028}\u{200b}";
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            tracing::warn!(message = "Rejected.", detail = %sender, station = sender, n = 3);
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(!out.trim_end().chars().any(is_unprintable), "{out:?}");
+        assert!(out.contains(" Rejected. detail=x\\u{a}2026"), "{out}");
+        assert!(out.contains(" station=\"x\\n2026"), "{out}");
+        assert!(
+            out.contains("\\u{1b}[31m\\u{202e}dier\\u{2028}\\u{200b}"),
+            "{out}"
+        );
+        assert!(out.contains(" n=3"), "{out}");
+    }
 
     #[test]
     fn limiter_allows_a_burst_per_window_and_counts_the_rest() {
