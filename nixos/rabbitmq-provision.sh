@@ -5,7 +5,7 @@
 #
 #   rabbitmq-provision.sh [options] ROLE:USER:PASSWORD_FILE...
 #
-# ROLE is `producer` or `consumer`. PASSWORD_FILE holds the user's password; if it does not exist
+# ROLE is `producer`, `consumer`, `topology` or `replay`. PASSWORD_FILE holds the user's password; if it does not exist
 # and --generate is given, a random password is written there first (mode 0600). The password is
 # passed to rabbitmqctl on stdin, never on a command line.
 #
@@ -19,11 +19,15 @@
 #   --delete-guest            delete the `guest` user RabbitMQ creates on a fresh node
 #   --rabbitmqctl PATH        rabbitmqctl to run (rabbitmqctl from PATH)
 #
-# Permissions (https://www.rabbitmq.com/docs/access-control, regular expressions on names):
-#   producer: configure and write the exchange and the queue (it declares and binds them), read
-#             the exchange (queue.bind reads the source exchange); it cannot consume.
-#   consumer: configure, write and read all four names (it declares and binds the dead-letter
-#             exchange and queue, republishes rejected messages and consumes the queue).
+# Permissions (https://www.rabbitmq.com/docs/access-control, regular expressions on names). The
+# daemons then run with `amqp.declare = false`: they only check passively that the objects exist,
+# which needs no permission, and `consumer declare-topology`, as the topology user, declares them.
+#   producer: write the exchange (publish); nothing else: it cannot consume, declare or delete.
+#   consumer: read the queue (consume), write the dead-letter exchange (republish a rejected
+#             message there); it cannot publish readings nor declare or delete anything.
+#   topology: configure all four names (declare), write the queues and read the exchanges (bind
+#             one to the other); for `consumer declare-topology`, run by the provisioning step.
+#   replay:   read the dead-letter queue, write the exchange: `consumer replay-dead-letters`.
 set -euo pipefail
 
 vhost=/ exchange=weather queue=weather_queue dlx=weather_dead_letter dlq=weather_dead_letter
@@ -39,7 +43,7 @@ while [ $# -gt 0 ]; do
     --generate) generate=1; shift ;;
     --delete-guest) delete_guest=1; shift ;;
     --rabbitmqctl) ctl=$2; shift 2 ;;
-    -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "rabbitmq-provision: unknown option $1" >&2; exit 2 ;;
     *) specs+=("$1"); shift ;;
   esac
@@ -78,17 +82,15 @@ for spec in "${specs[@]}"; do
     exit 2
   fi
   case $role in
-    producer)
-      configure=$(alt "$exchange" "$queue")
-      write=$configure
-      read=$(alt "$exchange")
-      ;;
-    consumer)
+    producer) configure='^$' write=$(alt "$exchange") read='^$' ;;
+    consumer) configure='^$' write=$(alt "$dlx") read=$(alt "$queue") ;;
+    topology)
       configure=$(alt "$exchange" "$queue" "$dlx" "$dlq")
-      write=$configure
-      read=$configure
+      write=$(alt "$queue" "$dlq")
+      read=$(alt "$exchange" "$dlx")
       ;;
-    *) echo "rabbitmq-provision: unknown role '$role' (producer or consumer)" >&2; exit 2 ;;
+    replay) configure='^$' write=$(alt "$exchange") read=$(alt "$dlq") ;;
+    *) echo "rabbitmq-provision: unknown role '$role' (producer, consumer, topology or replay)" >&2; exit 2 ;;
   esac
 
   if [ ! -e "$file" ]; then

@@ -34,7 +34,8 @@ pub enum AmqpError {
 
 impl AmqpError {
     /// RabbitMQ refuses our topology (PRECONDITION_FAILED: an object exists with other
-    /// arguments; ACCESS_REFUSED: no permission): waiting alone will not mend it.
+    /// arguments; ACCESS_REFUSED: no permission; NOT_FOUND: with `amqp.declare = false`, an
+    /// object nobody declared yet): waiting alone will not mend it.
     pub fn is_refusal(&self) -> bool {
         use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
         match self {
@@ -42,7 +43,11 @@ impl AmqpError {
                 source.kind(),
                 lapin::ErrorKind::ProtocolError(e) if matches!(
                     e.kind(),
-                    AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED)
+                    AMQPErrorKind::Soft(
+                        AMQPSoftError::PRECONDITIONFAILED
+                            | AMQPSoftError::ACCESSREFUSED
+                            | AMQPSoftError::NOTFOUND
+                    )
                 )
             ),
             _ => false,
@@ -196,10 +201,28 @@ pub async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
     Ok(ch)
 }
 
-fn durable_exchange() -> ExchangeDeclareOptions {
+fn durable_exchange(cfg: &AmqpConfig) -> ExchangeDeclareOptions {
     ExchangeDeclareOptions {
         durable: true,
+        passive: !cfg.declare,
         ..ExchangeDeclareOptions::default()
+    }
+}
+
+fn durable_queue(cfg: &AmqpConfig) -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: !cfg.declare,
+        ..QueueDeclareOptions::durable()
+    }
+}
+
+/// `what` of a declare, saying so when it is only a check (`amqp.declare = false`).
+fn object(cfg: &AmqpConfig, what: String) -> String {
+    match cfg.declare {
+        true => what,
+        false => format!(
+            "{what}, checked only (amqp.declare = false: the provisioning step, or `consumer declare-topology`, declares it)"
+        ),
     }
 }
 
@@ -219,6 +242,10 @@ fn queue_arguments(queue_type: QueueType) -> FieldTable {
 /// Declares, idempotently, the durable direct exchange, the durable queue and their binding; with
 /// `dead_letter`, also the fanout dead-letter exchange and its queue. Dead-lettering does not rely
 /// on queue arguments: the consumer republishes rejected messages there itself.
+///
+/// With `amqp.declare = false` the declares are passive, which needs no permission at all: each
+/// object must exist (else NOT_FOUND, a refusal the daemon waits out), bindings are not checked,
+/// and the users need no `configure` permission (README, "Least privilege").
 pub async fn declare_topology(
     ch: &Channel,
     cfg: &AmqpConfig,
@@ -228,16 +255,16 @@ pub async fn declare_topology(
     ch.exchange_declare(
         exchange.into(),
         ExchangeKind::Direct,
-        durable_exchange(),
+        durable_exchange(cfg),
         FieldTable::default(),
     )
     .await
     .map_err(declaring(|| {
-        format!("exchange `{exchange}` (direct, durable)")
+        object(cfg, format!("exchange `{exchange}` (direct, durable)"))
     }))?;
     ch.queue_declare(
         queue.into(),
-        QueueDeclareOptions::durable(),
+        durable_queue(cfg),
         queue_arguments(cfg.queue_type),
     )
     .await
@@ -246,8 +273,17 @@ pub async fn declare_topology(
             QueueType::Quorum => "x-queue-type=quorum",
             QueueType::Classic => "no arguments",
         };
-        format!("queue `{queue}` (durable, {args}; amqp.queue_type)")
+        object(
+            cfg,
+            format!("queue `{queue}` (durable, {args}; amqp.queue_type)"),
+        )
     }))?;
+    if !cfg.declare {
+        if dead_letter {
+            declare_dead_letter(ch, cfg).await?;
+        }
+        return Ok(());
+    }
     ch.queue_bind(
         queue.into(),
         exchange.into(),
@@ -277,22 +313,27 @@ pub async fn declare_dead_letter(ch: &Channel, cfg: &AmqpConfig) -> Result<(), A
     ch.exchange_declare(
         exchange.into(),
         ExchangeKind::Fanout,
-        durable_exchange(),
+        durable_exchange(cfg),
         FieldTable::default(),
     )
     .await
     .map_err(declaring(|| {
-        format!("dead-letter exchange `{exchange}` (fanout, durable)")
+        object(
+            cfg,
+            format!("dead-letter exchange `{exchange}` (fanout, durable)"),
+        )
     }))?;
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::durable(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(declaring(|| {
-        format!("dead-letter queue `{queue}` (durable, no arguments)")
-    }))?;
+    ch.queue_declare(queue.into(), durable_queue(cfg), FieldTable::default())
+        .await
+        .map_err(declaring(|| {
+            object(
+                cfg,
+                format!("dead-letter queue `{queue}` (durable, no arguments)"),
+            )
+        }))?;
+    if !cfg.declare {
+        return Ok(());
+    }
     ch.queue_bind(
         queue.into(),
         exchange.into(),

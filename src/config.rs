@@ -136,6 +136,11 @@ pub struct AmqpConfig {
     pub dead_letter_queue: AmqpName,
     /// Unacknowledged deliveries the broker may push to the consumer (`basic.qos`).
     pub prefetch: u16,
+    /// Declare the exchanges, queues and bindings at start, which needs RabbitMQ's `configure`
+    /// permission on them. With `false`, only check that they exist (passive declares, which need
+    /// no permission) and wait until they do: a provisioning step owns the topology
+    /// (`consumer declare-topology`), and the daemons' users need no `configure` at all.
+    pub declare: bool,
 }
 
 impl Default for AmqpConfig {
@@ -150,6 +155,7 @@ impl Default for AmqpConfig {
             dead_letter_exchange: AmqpName("weather_dead_letter".into()),
             dead_letter_queue: AmqpName("weather_dead_letter".into()),
             prefetch: 2000,
+            declare: true,
         }
     }
 }
@@ -170,6 +176,22 @@ pub struct PostgresConfig {
     /// Server-side limit for one statement, so a hung insert fails instead of stalling.
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// Apply pending migrations at start, as the consumer's own role (which must then own the
+    /// schema: one role for everything, as on a development machine). With `false` the consumer
+    /// only checks that `consumer migrate` has applied them, and waits until it has: its role
+    /// needs no more than INSERT (README, "Least privilege").
+    pub migrate: bool,
+    /// The role `consumer migrate` connects as, without the password: the owner of the schema
+    /// and of `weather_logs`. Default: `url`.
+    #[serde(
+        default,
+        deserialize_with = "quiet_url_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub owner_url: Option<Url>,
+    /// File holding the owner's password. Without it, the credential `postgres-owner-password`
+    /// is used if present.
+    pub owner_password_file: Option<PathBuf>,
 }
 
 impl Default for PostgresConfig {
@@ -180,6 +202,9 @@ impl Default for PostgresConfig {
             schema: Identifier("public".into()),
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(20),
+            migrate: true,
+            owner_url: None,
+            owner_password_file: None,
         }
     }
 }
@@ -476,6 +501,10 @@ fn quiet_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
     Url::parse(&text).map_err(|e| serde::de::Error::custom(format!("not a valid URL ({e})")))
 }
 
+fn quiet_url_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Url>, D::Error> {
+    quiet_url(d).map(Some)
+}
+
 /// `url` with its password replaced: the one after the user name, and any query parameter named
 /// `password` (libpq reads one there).
 fn redact_url(url: &Url) -> Url {
@@ -515,6 +544,9 @@ impl DaemonConfig for ConsumerConfig {
             &self.postgres.url,
             &["postgres", "postgresql"],
         )?;
+        if let Some(url) = &self.postgres.owner_url {
+            validate_url("postgres.owner_url", url, &["postgres", "postgresql"])?;
+        }
         if self.batch.max_size == 0 || self.batch.max_size > usize::from(self.amqp.prefetch) {
             return Err(invalid(
                 "batch.max_size",
@@ -571,6 +603,7 @@ impl DaemonConfig for ConsumerConfig {
         let mut c = self.clone();
         c.amqp.url = redact_url(&c.amqp.url);
         c.postgres.url = redact_url(&c.postgres.url);
+        c.postgres.owner_url = c.postgres.owner_url.as_ref().map(redact_url);
         c
     }
 }
@@ -671,6 +704,35 @@ impl PostgresConfig {
             "postgres-password",
             dir.as_deref(),
         )?)
+    }
+
+    /// The owner's URL and password, for `consumer migrate`: `owner_url` and its password, or
+    /// `url` and the consumer's own password.
+    pub fn owner(&self) -> Result<(Url, Password), ConfigError> {
+        let Some(url) = &self.owner_url else {
+            return Ok((self.url.clone(), self.password()?));
+        };
+        let dir = credentials_dir();
+        let password = secret::load(
+            "postgres.owner_password_file",
+            self.owner_password_file.as_deref(),
+            "postgres-owner-password",
+            dir.as_deref(),
+        )?;
+        Ok((url.clone(), password))
+    }
+
+    /// The role the consumer logs in as: the URL's user, or its `user` parameter (libpq's). `None`
+    /// when the URL names neither (libpq then takes the operating system user's name).
+    pub fn role(&self) -> Option<String> {
+        let user = percent_encoding::percent_decode_str(self.url.username()).decode_utf8_lossy();
+        if !user.is_empty() {
+            return Some(user.into_owned());
+        }
+        self.url
+            .query_pairs()
+            .find(|(k, v)| k == "user" && !v.is_empty())
+            .map(|(_, v)| v.into_owned())
     }
 }
 

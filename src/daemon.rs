@@ -151,13 +151,6 @@ pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The metrics listener: bound to `addr`.
-pub async fn metrics_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await?;
-    info!(message = "Serving metrics.", address = %listener.local_addr()?, path = "/metrics");
-    Ok(listener)
-}
-
 /// Awaits `work`; once `token` is cancelled, gives it at most `deadline` to finish.
 pub async fn with_deadline<T>(
     work: impl Future<Output = T>,
@@ -184,20 +177,53 @@ pub struct Service {
     pub shutdown_timeout: Duration,
 }
 
-/// The metrics listener: the socket systemd passed, else `addr` bound here.
-pub async fn metrics_listener_or_bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    match crate::systemd::metrics_listener() {
+/// The metrics listener: the socket systemd passed, else `addr` bound here; non-blocking, for
+/// the metrics thread's runtime.
+pub fn metrics_listener_or_bind(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
+    let listener = match crate::systemd::metrics_listener() {
         Ok(Some(std)) => {
-            let listener = TcpListener::from_std(std).map_err(|e| e.to_string())?;
-            let local = listener.local_addr().map_err(|e| e.to_string())?;
+            let local = std.local_addr().map_err(|e| e.to_string())?;
             info!(message = "Serving metrics on the socket systemd passed.", address = %local, path = "/metrics");
-            Ok(listener)
+            return Ok(std);
         }
-        Ok(None) => metrics_listener(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}")),
-        Err(e) => Err(e.to_string()),
-    }
+        Ok(None) => std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+        Err(e) => return Err(e.to_string()),
+    };
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    info!(message = "Serving metrics.", address = %local, path = "/metrics");
+    Ok(listener)
+}
+
+/// Serves `/metrics` on a thread of its own, with its own single-threaded runtime, until `token`
+/// is cancelled: scrapes, or a flood of connections to the port, then take no time from the
+/// pipeline's thread. The receiver completes when the thread is done.
+fn spawn_metrics(
+    listener: std::net::TcpListener,
+    render: crate::http::Render,
+    token: CancellationToken,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let listener = TcpListener::from_std(listener)?;
+                        crate::http::serve(listener, render, token).await;
+                        Ok(())
+                    })
+                });
+            if let Err(e) = served {
+                error!(message = "Cannot serve metrics.", error = %e);
+            }
+            let _ = done.send(());
+        })?;
+    Ok(finished)
 }
 
 /// Takes the metrics listener, serves `/metrics`, reports to systemd, installs the signal
@@ -212,7 +238,7 @@ where
     let failure = ExitCode::from(EXIT_FAILURE);
     let token = CancellationToken::new();
     let listener = match svc.listen {
-        Some(addr) => Some(metrics_listener_or_bind(addr).await.map_err(|e| {
+        Some(addr) => Some(metrics_listener_or_bind(addr).map_err(|e| {
             error!(message = "Cannot serve metrics.", error = %e);
             failure
         })?),
@@ -224,11 +250,13 @@ where
     })?;
     let tracker = tokio_util::task::TaskTracker::new();
     if let Some(listener) = listener {
-        tracker.spawn(crate::http::serve(
-            listener,
-            svc.render,
-            token.child_token(),
-        ));
+        let finished = spawn_metrics(listener, svc.render, token.child_token()).map_err(|e| {
+            error!(message = "Cannot start the metrics thread.", error = %e);
+            failure
+        })?;
+        tracker.spawn(async move {
+            let _ = finished.await;
+        });
     }
     // Sends STOPPING=1 as soon as the token is cancelled, when shutdown starts.
     tracker.spawn(crate::systemd::supervise(

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::PostgresConfig;
 use crate::reading::Reading;
@@ -22,7 +22,25 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_weather_logs_station_index",
         include_str!("../sql/0002_weather_logs_station_index.sql"),
     ),
+    (
+        "0003_weather_logs_conflicts",
+        include_str!("../sql/0003_weather_logs_conflicts.sql"),
+    ),
 ];
+
+/// The stored readings among the given ones whose `message_id` a different reading holds.
+const CONFLICTS: &str = "SELECT * FROM weather_logs_conflicts\
+    ($1::uuid[], $2::text[], $3::float8[], $4::float8[], $5::float8[], $6::timestamptz[])";
+
+/// What the consumer's role is granted by `consumer migrate` when it is not the owner: enough to
+/// check the migrations, insert, and ask for conflicts. Of `weather_logs` it may read only
+/// `message_id`, which `ON CONFLICT (message_id)` needs; no UPDATE, DELETE, TRUNCATE or DDL.
+/// `{schema}` and `{role}` are quoted identifiers. One implicit transaction (one simple query).
+const WRITER_GRANTS: &str = "GRANT USAGE ON SCHEMA {schema} TO {role};
+    GRANT INSERT, SELECT (message_id) ON weather_logs TO {role};
+    GRANT SELECT ON schema_migrations TO {role};
+    GRANT EXECUTE ON FUNCTION weather_logs_conflicts
+        (uuid[], text[], float8[], float8[], float8[], timestamptz[]) TO {role};";
 
 /// Serialises concurrent migrations of one schema across consumers: the advisory lock
 /// `(MIGRATION_LOCK, hashtext(schema))` (any 32-bit constant unique to us).
@@ -73,6 +91,41 @@ pub fn encode(r: &Reading, buf: &mut bytes::BytesMut) -> Result<(), (&'static st
     Ok(())
 }
 
+/// A batch as the six arrays of [`COLUMNS`], the parameters of the insert and of the conflicts
+/// query.
+struct Columns<'a> {
+    ids: Vec<uuid::Uuid>,
+    stations: Vec<&'a str>,
+    temperatures: Vec<f64>,
+    humidities: Vec<f64>,
+    pressures: Vec<f64>,
+    measured: Vec<Option<time::OffsetDateTime>>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(rows: &'a [Reading]) -> Self {
+        Self {
+            ids: rows.iter().map(|r| r.message_id).collect(),
+            stations: rows.iter().map(|r| r.station_id.as_str()).collect(),
+            temperatures: rows.iter().map(|r| r.temperature).collect(),
+            humidities: rows.iter().map(|r| r.humidity).collect(),
+            pressures: rows.iter().map(|r| r.pressure).collect(),
+            measured: rows.iter().map(|r| r.measured_at).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.ids,
+            &self.stations,
+            &self.temperatures,
+            &self.humidities,
+            &self.pressures,
+            &self.measured,
+        ]
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("{0}: no answer within {1:?}")]
@@ -91,6 +144,12 @@ pub enum DbError {
     /// dead-lettered.
     #[error("PostgreSQL refuses every reading, even one it accepted before: {0}")]
     Systematic(#[source] Box<DbError>),
+    /// `postgres.migrate = false`, and migrations are missing: `consumer migrate` has not run.
+    #[error("schema `{schema}` lacks migrations {missing:?}; run `consumer migrate` (postgres.migrate = false)")]
+    NotMigrated {
+        schema: String,
+        missing: Vec<&'static str>,
+    },
 }
 
 impl DbError {
@@ -104,7 +163,10 @@ impl DbError {
     pub fn is_data_error(&self) -> bool {
         match self {
             DbError::Postgres { source, .. } => source.code().is_some_and(is_data_state),
-            DbError::Config(_) | DbError::Timeout(..) | DbError::Systematic(_) => false,
+            DbError::Config(_)
+            | DbError::Timeout(..)
+            | DbError::Systematic(_)
+            | DbError::NotMigrated { .. } => false,
         }
     }
 
@@ -114,6 +176,7 @@ impl DbError {
             DbError::Config(_) => "config",
             DbError::Timeout(..) => "timeout",
             DbError::Systematic(_) => "refused_all",
+            DbError::NotMigrated { .. } => "migration_pending",
             DbError::Postgres { context, source } => match source.code() {
                 Some(c) if is_data_state(c) => "data_rejected",
                 Some(c) if c.code().starts_with("08") => "connection",
@@ -151,6 +214,7 @@ impl DbError {
             "migration_failed" => "a schema migration failed",
             "config" => "postgres.url is invalid",
             "refused_all" => "PostgreSQL refuses every reading (a change to weather_logs?)",
+            "migration_pending" => "the schema is not migrated",
             "data_rejected" | "query_failed" => "PostgreSQL refused the insert",
             _ => "database unavailable",
         };
@@ -192,6 +256,9 @@ pub struct Stored {
     pub inserted: u64,
     /// Indexes into the batch of rows PostgreSQL refused, with its message.
     pub rejected: Vec<(usize, String)>,
+    /// Ids of accepted readings that were not stored because a *different* reading holds their id
+    /// (the stored one is kept): not redeliveries, but a publisher reusing an id.
+    pub conflicting: Vec<uuid::Uuid>,
 }
 
 impl Db {
@@ -210,27 +277,11 @@ impl Db {
         cfg: &PostgresConfig,
         password: Option<&Secret>,
     ) -> Result<Self, DbError> {
-        let mut pg = tokio_postgres::Config::from_str(cfg.url.as_str()).map_err(DbError::Config)?;
-        if let Some(p) = password {
-            pg.password(p.expose());
+        let mut client = session(cfg, &cfg.url, password).await?;
+        match cfg.migrate {
+            true => migrate(&mut client, cfg.schema.as_str()).await?,
+            false => check_migrated(&client, cfg.schema.as_str()).await?,
         }
-        pg.connect_timeout(cfg.connect_timeout)
-            .keepalives_idle(Duration::from_secs(30))
-            .application_name("sistema-mensajes consumer")
-            .options(format!(
-                "-c search_path={} -c statement_timeout={}",
-                quote_identifier(cfg.schema.as_str()),
-                cfg.statement_timeout.as_millis()
-            ));
-        let (mut client, connection) = pg.connect(NoTls).await.map_err(DbError::pg("connect"))?;
-        // The connection task ends when the client is dropped or the socket closes; the client
-        // then reports `is_closed()` and its next query fails, which is how we notice.
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(message = "PostgreSQL connection ended.", error = %e);
-            }
-        });
-        migrate(&mut client, cfg.schema.as_str()).await?;
         let insert_new = client
             .prepare(INSERT_NEW)
             .await
@@ -255,14 +306,8 @@ impl Db {
     /// One multi-row INSERT (its own transaction). With `skip_existing`, rows already stored are
     /// skipped; without, one such row fails the whole statement with a unique violation.
     pub async fn insert(&self, rows: &[Reading], skip_existing: bool) -> Result<u64, DbError> {
-        let ids: Vec<_> = rows.iter().map(|r| r.message_id).collect();
-        let stations: Vec<_> = rows.iter().map(|r| r.station_id.as_str()).collect();
-        let temps: Vec<_> = rows.iter().map(|r| r.temperature).collect();
-        let hums: Vec<_> = rows.iter().map(|r| r.humidity).collect();
-        let press: Vec<_> = rows.iter().map(|r| r.pressure).collect();
-        let measured: Vec<_> = rows.iter().map(|r| r.measured_at).collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-            [&ids, &stations, &temps, &hums, &press, &measured];
+        let columns = Columns::of(rows);
+        let params = columns.params();
         let statement = if skip_existing {
             &self.insert_skipping
         } else {
@@ -299,12 +344,52 @@ impl Db {
         references: &[&Reading],
         progress: impl Fn(),
     ) -> Result<Stored, DbError> {
+        let mut stored = self
+            .isolate(rows, maybe_stored, references, &progress)
+            .await?;
+        if stored.inserted + (stored.rejected.len() as u64) < rows.len() as u64 {
+            progress();
+            let accepted: Vec<Reading> = (0..rows.len())
+                .filter(|i| !stored.rejected.iter().any(|(r, _)| r == i))
+                .map(|i| rows[i].clone())
+                .collect();
+            // The rows are stored: a failure here only leaves the conflicts uncounted.
+            match self.conflicts(&accepted).await {
+                Ok(ids) => stored.conflicting = ids,
+                Err(e) => {
+                    warn!(message = "Cannot tell duplicates from conflicting ids; all counted as duplicates.", error = %e, error_type = e.error_type());
+                }
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Of `rows`, those whose id a different stored reading holds.
+    async fn conflicts(&self, rows: &[Reading]) -> Result<Vec<uuid::Uuid>, DbError> {
+        let columns = Columns::of(rows);
+        let params = columns.params();
+        let found = self
+            .bounded(
+                "look for conflicting ids",
+                self.client.query(CONFLICTS, &params),
+            )
+            .await?;
+        Ok(found.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn isolate(
+        &self,
+        rows: &[Reading],
+        maybe_stored: bool,
+        references: &[&Reading],
+        progress: &impl Fn(),
+    ) -> Result<Stored, DbError> {
         if !maybe_stored {
             match self.insert(rows, false).await {
                 Ok(inserted) => {
                     return Ok(Stored {
                         inserted,
-                        rejected: Vec::new(),
+                        ..Stored::default()
                     })
                 }
                 Err(e) if e.is_data_error() => {
@@ -326,7 +411,7 @@ impl Db {
         let mut table_accepts = false;
         for reference in references {
             progress();
-            match self.probe(reference, &progress).await {
+            match self.probe(reference, progress).await {
                 Ok(()) => {
                     table_accepts = true;
                     break;
@@ -439,6 +524,112 @@ impl Db {
     }
 }
 
+/// One session to `url` with the consumer's settings (schema, statement timeout); its connection
+/// task runs until the client is dropped.
+async fn session(
+    cfg: &PostgresConfig,
+    url: &url::Url,
+    password: Option<&Secret>,
+) -> Result<Client, DbError> {
+    let mut pg = tokio_postgres::Config::from_str(url.as_str()).map_err(DbError::Config)?;
+    if let Some(p) = password {
+        pg.password(p.expose());
+    }
+    pg.connect_timeout(cfg.connect_timeout)
+        .keepalives_idle(Duration::from_secs(30))
+        .application_name("sistema-mensajes consumer")
+        .options(format!(
+            "-c search_path={} -c statement_timeout={}",
+            quote_identifier(cfg.schema.as_str()),
+            cfg.statement_timeout.as_millis()
+        ));
+    let (client, connection) = pg.connect(NoTls).await.map_err(DbError::pg("connect"))?;
+    // The connection task ends when the client is dropped or the socket closes; the client
+    // then reports `is_closed()` and its next query fails, which is how we notice.
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(message = "PostgreSQL connection ended.", error = %e);
+        }
+    });
+    Ok(client)
+}
+
+/// What `consumer migrate` did.
+#[derive(Debug)]
+pub struct Migrated {
+    pub schema: String,
+    /// The role granted the writer's privileges; `None` if it is the owner itself.
+    pub writer: Option<String>,
+}
+
+/// `consumer migrate`: connects as the owner (`postgres.owner_url`, else `postgres.url`), applies
+/// pending migrations, and grants the consumer's role ([`PostgresConfig::role`]) what it needs
+/// and nothing more ([`WRITER_GRANTS`]). Idempotent; bounded by [`PostgresConfig::attempt_limit`].
+pub async fn migrate_as_owner(
+    cfg: &PostgresConfig,
+    owner: &url::Url,
+    password: Option<&Secret>,
+) -> Result<Migrated, DbError> {
+    let limit = cfg.attempt_limit();
+    let work = async {
+        let mut client = session(cfg, owner, password).await?;
+        let schema = cfg.schema.as_str();
+        migrate(&mut client, schema).await?;
+        let me: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .map_err(DbError::pg("read current_user"))?
+            .get(0);
+        let writer = cfg.role().filter(|role| *role != me);
+        if let Some(role) = &writer {
+            let grants = WRITER_GRANTS
+                .replace("{schema}", &quote_identifier(schema))
+                .replace("{role}", &quote_identifier(role));
+            client
+                .batch_execute(&grants)
+                .await
+                .map_err(DbError::pg("grant the consumer's role"))?;
+            info!(
+                message = "Granted the consumer's role what it needs.",
+                role, schema
+            );
+        }
+        Ok(Migrated {
+            schema: schema.to_owned(),
+            writer,
+        })
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(result) => result,
+        Err(_) => Err(DbError::Timeout("migrate", limit)),
+    }
+}
+
+/// With `postgres.migrate = false`: every migration must be recorded, or the consumer waits.
+/// Needs only SELECT on `schema_migrations`.
+async fn check_migrated(client: &Client, schema: &str) -> Result<(), DbError> {
+    let rows = match client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+    {
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Vec::new(),
+        result => result.map_err(DbError::pg("read schema_migrations"))?,
+    };
+    let applied: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let missing: Vec<&'static str> = MIGRATIONS
+        .iter()
+        .map(|(v, _)| *v)
+        .filter(|v| !applied.iter().any(|a| a == v))
+        .collect();
+    match missing.is_empty() {
+        true => Ok(()),
+        false => Err(DbError::NotMigrated {
+            schema: schema.to_owned(),
+            missing,
+        }),
+    }
+}
+
 /// A reading any table that holds weather readings accepts, for [`Db::insert_isolating`] until a
 /// real one has been stored.
 pub fn reference_reading() -> Reading {
@@ -476,6 +667,14 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), DbError> {
     ))
     .await
     .map_err(DbError::pg("create schema_migrations"))?;
+    // For the functions' `SET search_path FROM CURRENT`: the schema, then pg_temp explicitly
+    // (last), so no caller's temporary object can stand in for ours.
+    tx.batch_execute(&format!(
+        "SET LOCAL search_path TO {}, pg_temp",
+        quote_identifier(schema)
+    ))
+    .await
+    .map_err(DbError::pg("set the migration's search_path"))?;
     for (version, sql) in MIGRATIONS {
         let done = tx
             .query_opt(

@@ -11,7 +11,7 @@ use std::process::Command;
 use common::*;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Channel, Connection};
 use sistema_mensajes::amqp;
 use sistema_mensajes::config::AmqpConfig;
 use sistema_mensajes::secret::Secret;
@@ -77,74 +77,197 @@ async fn refused_other_queue(conn: &Connection) -> bool {
     .is_err_and(|e| e.to_string().contains("ACCESS_REFUSED"))
 }
 
-#[tokio::test]
-async fn each_daemon_gets_a_user_limited_to_the_pipeline_names() {
-    let names = Names::new("provision");
-    let dir = std::env::temp_dir().join(unique_name("provision"));
-    let producer = format!("{}-producer", names.queue);
-    let consumer = format!("{}-consumer", names.queue);
-    let _users = Users(vec![producer.clone(), consumer.clone()]);
-    let (pfile, cfile) = (dir.join("producer"), dir.join("consumer"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(&pfile, "given-password\n").unwrap();
-    let specs = [
-        format!("producer:{producer}:{}", pfile.display()),
-        format!("consumer:{consumer}:{}", cfile.display()),
-    ];
+/// Publishes `body` to `exchange` with a confirm; the error if the broker refuses it.
+async fn publish(conn: &Connection, exchange: &str, key: &str, body: &[u8]) -> Result<(), String> {
+    let ch = amqp::confirm_channel(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            amqp::reading_properties(&uuid::Uuid::now_v7().to_string()),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    match confirm.is_ack() {
+        true => Ok(()),
+        false => Err(format!("{confirm:?}")),
+    }
+}
 
-    // The consumer's password is generated; a second run changes nothing and still succeeds.
+fn refused(result: Result<impl std::fmt::Debug, impl std::fmt::Display>) -> bool {
+    match result {
+        Ok(v) => panic!("allowed: {v:?}"),
+        Err(e) => e.to_string().contains("ACCESS_REFUSED"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_daemon_gets_only_what_it_uses_and_a_provisioning_step_owns_the_topology() {
+    let names = Names::new("provision");
+    names.create_schema().await;
+    let dir = std::env::temp_dir().join(unique_name("provision"));
+    let user = |role: &str| format!("{}-{role}", names.queue);
+    let roles = ["producer", "consumer", "topology", "replay"];
+    let _users = Users(roles.iter().map(|r| user(r)).collect());
+    let file = |role: &str| dir.join(role);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(file("producer"), "given-password\n").unwrap();
+    let specs: Vec<String> = roles
+        .iter()
+        .map(|r| format!("{r}:{}:{}", user(r), file(r).display()))
+        .collect();
+
+    // Missing passwords are generated; a second run changes nothing and still succeeds.
     let first = provision(&names, &specs);
     assert!(
-        first.contains(&format!("generated a password for {consumer}")),
+        first.contains(&format!("generated a password for {}", user("consumer"))),
         "{first}"
     );
-    let generated = std::fs::read_to_string(&cfile).unwrap();
+    let generated = std::fs::read_to_string(file("consumer")).unwrap();
     assert!(generated.len() >= 24, "{generated:?}");
     let second = provision(&names, &specs);
     assert!(!second.contains("generated"), "{second}");
-    assert_eq!(std::fs::read_to_string(&cfile).unwrap(), generated);
+    assert_eq!(
+        std::fs::read_to_string(file("consumer")).unwrap(),
+        generated
+    );
 
-    let cfg = names.consumer_config().amqp;
+    let mut cfg = names.consumer_config();
+    cfg.amqp.declare = false;
+    let amqp_cfg = cfg.amqp.clone();
+    let as_role = |role: &str| {
+        let mut c = cfg.clone();
+        c.amqp.url.set_username(&user(role)).unwrap();
+        c.amqp.password_file = Some(file(role));
+        c
+    };
 
-    // The producer declares and binds its exchange and queue and publishes, but may not consume
-    // the queue nor touch any other name.
-    let conn = connect_as(&cfg, &producer, &pfile).await;
-    let ch = amqp::confirm_channel(&conn).await.unwrap();
-    amqp::declare_topology(&ch, &cfg, false).await.unwrap();
-    let confirm = ch
-        .basic_publish(
-            cfg.exchange.as_str().into(),
-            cfg.routing_key.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            b"{}",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack());
-    let get = conn.create_channel().await.unwrap();
-    let err = get
-        .basic_get(cfg.queue.as_str().into(), BasicGetOptions { no_ack: false })
+    // Nothing declared yet: a daemon's passive check fails with NOT_FOUND, a refusal it waits out.
+    let producer = connect_as(&amqp_cfg, &user("producer"), &file("producer")).await;
+    let ch = producer.create_channel().await.unwrap();
+    let err = amqp::declare_topology(&ch, &amqp_cfg, false)
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("ACCESS_REFUSED"), "{err}");
-    assert!(refused_other_queue(&conn).await);
+    assert!(
+        err.is_refusal() && err.to_string().contains("checked only"),
+        "{err}"
+    );
 
-    // The consumer declares everything, dead-letter side included, and reads the queue.
-    let conn = connect_as(&cfg, &consumer, &cfile).await;
-    let ch = conn.create_channel().await.unwrap();
-    amqp::declare_topology(&ch, &cfg, true).await.unwrap();
+    // The daemons' users cannot declare (configure) even our own names.
+    let ch = producer.create_channel().await.unwrap();
+    let declaring = AmqpConfig {
+        declare: true,
+        ..amqp_cfg.clone()
+    };
+    assert!(refused(
+        amqp::declare_topology(&ch, &declaring, false).await
+    ));
+    let consumer = connect_as(&amqp_cfg, &user("consumer"), &file("consumer")).await;
+    let ch = consumer.create_channel().await.unwrap();
+    assert!(refused(amqp::declare_topology(&ch, &declaring, true).await));
+
+    // `consumer declare-topology`, as the topology user, declares everything.
+    let topology = as_role("topology");
+    let out = Command::new(env!("CARGO_BIN_EXE_consumer"))
+        .arg("declare-topology")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .envs(names.consumer_env())
+        .env("CONSUMER_AMQP__URL", topology.amqp.url.as_str())
+        .env("CONSUMER_AMQP__PASSWORD_FILE", file("topology"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ch = consumer.create_channel().await.unwrap();
+    amqp::declare_topology(&ch, &amqp_cfg, true).await.unwrap();
+
+    // The producer publishes, and may not consume, nor touch another name.
+    publish(
+        &producer,
+        &names.exchange,
+        &names.routing_key,
+        &old_reading("S-1", 1.0),
+    )
+    .await
+    .unwrap();
+    let get = producer.create_channel().await.unwrap();
+    assert!(refused(
+        get.basic_get(
+            names.queue.as_str().into(),
+            BasicGetOptions { no_ack: false }
+        )
+        .await
+    ));
+    assert!(refused_other_queue(&producer).await);
+
+    // The consumer consumes, may not publish readings, and may dead-letter.
+    let ch = consumer.create_channel().await.unwrap();
     let msg = ch
-        .basic_get(cfg.queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .basic_get(
+            names.queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
         .await
         .unwrap();
-    assert_eq!(msg.map(|m| m.delivery.data.clone()), Some(b"{}".to_vec()));
-    assert!(refused_other_queue(&conn).await);
+    assert!(msg.is_some());
+    assert!(refused(
+        publish(&consumer, &names.exchange, &names.routing_key, b"{}").await
+    ));
+    publish(&consumer, &names.dead_letter_exchange, "", b"dead")
+        .await
+        .unwrap();
+    assert!(refused_other_queue(&consumer).await);
+
+    // The replay user reads the dead letters and publishes readings; it cannot declare.
+    let replay = connect_as(&amqp_cfg, &user("replay"), &file("replay")).await;
+    let ch = replay.create_channel().await.unwrap();
+    let dead = ch
+        .basic_get(
+            names.dead_letter_queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        dead.map(|m| m.delivery.data.clone()),
+        Some(b"dead".to_vec())
+    );
+    publish(
+        &replay,
+        &names.exchange,
+        &names.routing_key,
+        &old_reading("S-2", 2.0),
+    )
+    .await
+    .unwrap();
+    assert!(refused_other_queue(&replay).await);
+
+    // The whole pipeline runs on these users alone: the consumer stores a reading and
+    // dead-letters a malformed message with its reason.
+    publish(&producer, &names.exchange, &names.routing_key, b"not json")
+        .await
+        .unwrap();
+    let running = start_consumer(as_role("consumer"));
+    names.wait_rows(1, std::time::Duration::from_secs(30)).await;
+    let admin = Client::connect().await;
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the dead letter",
+        || async { admin.ready(&names.dead_letter_queue).await == 1 },
+    )
+    .await;
+    let dead = admin.drain(&names.dead_letter_queue).await;
+    assert_eq!(dead[0].1, "malformed_json", "{dead:?}");
+    stop_consumer(running).await;
 
     std::fs::remove_dir_all(&dir).unwrap();
 }

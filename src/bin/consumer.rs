@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use sistema_mensajes::config::ConsumerConfig;
+use sistema_mensajes::consumer::admin::{self, AdminError};
 use sistema_mensajes::consumer::{self, replay, Deps};
 use sistema_mensajes::daemon::{self, CommonArgs, Service};
 
@@ -28,6 +29,16 @@ enum Command {
         #[arg(long, value_name = "REASON")]
         reason: Option<String>,
     },
+    /// Apply the schema migrations as the owner role (`postgres.owner_url`, else `postgres.url`)
+    /// and grant the consumer's role (the user of `postgres.url`) only what it needs: INSERT on
+    /// weather_logs. Exits 0 when done, 75 if PostgreSQL is unreachable, 78 for a config error.
+    Migrate,
+    /// Declare the exchange, queue, binding and dead-letter exchange and queue (needs RabbitMQ's
+    /// configure permission; for daemons run with `amqp.declare = false`). Exits 0, 75 or 78.
+    DeclareTopology,
+    /// Read a password on stdin and print its SCRAM-SHA-256 verifier, for
+    /// `ALTER ROLE … PASSWORD '<verifier>'` without the password in SQL.
+    HashPassword,
 }
 
 fn main() -> ExitCode {
@@ -35,9 +46,41 @@ fn main() -> ExitCode {
     let run = || -> Result<(), ExitCode> {
         let daemon = cli.command.is_none();
         let cfg: ConsumerConfig = daemon::setup_checking(&cli.common, "consumer", daemon)?;
-        if let Some(Command::ReplayDeadLetters { reason }) = &cli.command {
-            let done = daemon::runtime()?.block_on(replay::run(&cfg.amqp, reason.as_deref()));
-            return daemon::report(done.and_then(replay::Replayed::finished));
+        let admin = |result: Result<String, AdminError>| match result {
+            Ok(done) => {
+                println!("{done}");
+                Err(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("consumer: {e}");
+                Err(ExitCode::from(e.exit_code()))
+            }
+        };
+        match &cli.command {
+            None => {}
+            Some(Command::ReplayDeadLetters { reason }) => {
+                let done = daemon::runtime()?.block_on(replay::run(&cfg.amqp, reason.as_deref()));
+                return daemon::report(done.and_then(replay::Replayed::finished));
+            }
+            Some(Command::Migrate) => {
+                let done = daemon::runtime()?.block_on(admin::migrate(&cfg.postgres));
+                return admin(done.map(|m| match m.writer {
+                    Some(role) => {
+                        format!("schema `{}` migrated; role `{role}` may insert", m.schema)
+                    }
+                    None => format!(
+                        "schema `{}` migrated (the owner is the consumer's role)",
+                        m.schema
+                    ),
+                }));
+            }
+            Some(Command::DeclareTopology) => {
+                let done = daemon::runtime()?.block_on(admin::declare_topology(&cfg.amqp));
+                return admin(done.map(|()| "topology declared".to_owned()));
+            }
+            Some(Command::HashPassword) => {
+                return admin(admin::hash_password(&mut std::io::stdin().lock()));
+            }
         }
         let deps = Deps::default();
         let (metrics, health) = (deps.metrics.clone(), deps.health.clone());

@@ -17,6 +17,7 @@
 //! batch and retries; the one-batch channel between the two and the prefetch limit stop further
 //! deliveries meanwhile.
 
+pub mod admin;
 mod dead_letter;
 pub mod replay;
 pub mod settle;

@@ -191,9 +191,26 @@ impl Writer {
             match self.try_store(rows, maybe_stored).await {
                 Ok(stored) => {
                     let accepted = (rows.len() - stored.rejected.len()) as u64;
-                    self.metrics
-                        .duplicates
-                        .inc_by(accepted.saturating_sub(stored.inserted));
+                    let conflicting = stored.conflicting.len() as u64;
+                    self.metrics.duplicates.inc_by(
+                        accepted
+                            .saturating_sub(stored.inserted)
+                            .saturating_sub(conflicting),
+                    );
+                    if conflicting > 0 {
+                        self.metrics.conflicting.inc_by(conflicting);
+                        // A few ids name it; rate-limited like other errors (a publisher
+                        // reusing ids on purpose could send nothing else).
+                        let ids: Vec<String> = stored
+                            .conflicting
+                            .iter()
+                            .take(5)
+                            .map(ToString::to_string)
+                            .collect();
+                        if let Some(suppressed) = self.error_log.allow(Instant::now()) {
+                            error!(message = "Readings reuse the id of a different stored reading; the stored one is kept and these are acknowledged unstored.", conflicting, first_ids = ids.join(","), error_type = "id_conflict", stage = "sending", suppressed);
+                        }
+                    }
                     self.metrics.refusing_all.set(0);
                     self.health.set_problem(None);
                     let mut refused = stored.rejected;

@@ -69,7 +69,7 @@ pub async fn wait_running(health: &sistema_mensajes::health::Health) {
 }
 
 /// Runs async cleanup from `Drop`, on a runtime of its own.
-fn cleanup(fut: impl Future<Output = ()> + Send + 'static) {
+pub fn cleanup(fut: impl Future<Output = ()> + Send + 'static) {
     let _ = std::thread::spawn(move || {
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
