@@ -245,7 +245,7 @@ fn queue_arguments(queue_type: QueueType) -> FieldTable {
 ///
 /// With `amqp.declare = false` the declares are passive, which needs no permission at all: each
 /// object must exist (else NOT_FOUND, a refusal the daemon waits out), bindings are not checked,
-/// and the users need no `configure` permission (README, "Least privilege").
+/// and the users need no `configure` permission (docs/security.md, "Least privilege").
 pub async fn declare_topology(
     ch: &Channel,
     cfg: &AmqpConfig,

@@ -179,7 +179,7 @@ pub struct PostgresConfig {
     /// Apply pending migrations at start, as the consumer's own role (which must then own the
     /// schema: one role for everything, as on a development machine). With `false` the consumer
     /// only checks that `consumer migrate` has applied them, and waits until it has: its role
-    /// needs no more than INSERT (README, "Least privilege").
+    /// needs no more than INSERT (docs/security.md, "Least privilege").
     pub migrate: bool,
     /// The role `consumer migrate` connects as, without the password: the owner of the schema
     /// and of `weather_logs`. Default: `url`.

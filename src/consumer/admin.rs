@@ -1,5 +1,5 @@
 //! One-shot commands of a provisioning step: `consumer migrate`, `consumer declare-topology` and
-//! `consumer hash-password` (README, "Least privilege"). Each exits 0 when done, 78 for a
+//! `consumer hash-password` (docs/security.md, "Least privilege"). Each exits 0 when done, 78 for a
 //! configuration error, 75 (`EX_TEMPFAIL`) when the server is unreachable, so that a unit may
 //! retry it, and 1 for anything else.
 
