@@ -7,12 +7,30 @@ import ./daemon.nix {
     amqp-password = "the broker password";
     postgres-password = "the database password (none with peer authentication over the Unix socket)";
   };
+  connectsTo = [
+    "amqp"
+    "postgres"
+  ];
   extraSettings =
-    { str }:
+    {
+      str,
+      url,
+      optionalUrl,
+      secret,
+      bool,
+    }:
     {
       postgres = {
-        url = str "postgres://postgres@127.0.0.1:5432/postgres" "Database URL without the password; `postgres:///weather?host=/run/postgresql&user=weather` for the Unix socket.";
+        url = url "postgres://postgres@127.0.0.1:5432/postgres" "Database URL without the password (one in it fails evaluation: this file is in the world-readable store); `postgres:///weather?host=/run/postgresql&user=weather` for the Unix socket. Its user is the consumer's role.";
+        password_file = secret "File with the database password, read by the daemon itself (so readable by its user); the credential `postgres-password` is usually better.";
         schema = str "public" "Schema of `weather_logs`, created if missing.";
+        migrate = bool true ''
+          Whether the consumer applies pending migrations at start, as its own role (which must then
+          own the schema). False: it only checks that they were applied, and waits until they are
+          (`consumer migrate` applies them as the owner). The stack sets it to false.
+        '';
+        owner_url = optionalUrl "URL (without the password) of the role `consumer migrate` connects as, which owns the schema and grants the consumer's role what it needs. Null: `postgres.url`.";
+        owner_password_file = secret "File with the owner's password for `consumer migrate`. Null: the credential `postgres-owner-password`, if any.";
       };
     };
 }

@@ -4,12 +4,20 @@
 # the files in systemd/ with store paths). This module adds only what a deployment needs, as a
 # drop-in: the start command with the generated config, the metrics socket's address, credentials,
 # the user, ordering against the local broker and database, and `wantedBy` (systemd.packages ignores
-# [Install]). The hardening stays in systemd/<daemon>.service, the one place it is written.
+# [Install]). The hardening stays in systemd/<daemon>.service, the one place it is written; the
+# drop-in adds only the IP access lists, which depend on the deployment (the hosts the daemon
+# connects to, who may scrape it).
+#
+# systemd settings used here: IPAddressAllow=/IPAddressDeny= (systemd.resource-control(5), in the
+# [Service] and [Socket] sections), set through systemd.{services,sockets}.<name>.{serviceConfig,
+# socketConfig} (nixos/lib/systemd-unit-options.nix).
 {
   daemon,
   description,
   metricsPort,
   credentials,
+  # The settings whose `url` the daemon connects to (the service's IP access list).
+  connectsTo ? [ "amqp" ],
   extraSettings ? _: { },
 }:
 {
@@ -34,7 +42,52 @@ let
       inherit default;
       description = text;
     };
+  # Typed keys of `settings` that may be left unset (null: not written, TOML has no null).
+  optional =
+    type: text:
+    mkOption {
+      type = types.nullOr type;
+      default = null;
+      description = text;
+    };
+  url =
+    default: text:
+    mkOption {
+      type = h.urlWithoutPassword;
+      inherit default;
+      description = text;
+    };
+  optionalUrl = optional h.urlWithoutPassword;
+  secret = optional h.secretPath;
+  bool =
+    default: text:
+    mkOption {
+      type = types.bool;
+      inherit default;
+      description = text;
+    };
   credentialFiles = lib.filterAttrs (_: file: file != null) cfg.credentials;
+
+  # The service's IP access list: the hosts of the URLs it connects to, when every one is an IP
+  # address, `localhost` or a Unix socket. A DNS name (the usual case across hosts) could only be
+  # resolved at run time, so the service is then left open: list its addresses yourself with
+  # systemd.services.<daemon>.serviceConfig.IPAddressAllow/IPAddressDeny if you want the same.
+  # The metrics socket needs nothing here: connections accepted on the socket systemd passes in
+  # are filtered by the socket unit's own list, never the service's (systemd.resource-control(5),
+  # IPAddressAllow=: "the IP access list configured for the service is not applied to any sockets
+  # passed into the service via socket activation").
+  addresses = h.urlAddresses (map (k: cfg.settings.${k}.url) connectsTo);
+  loopbackOnly = lib.all (
+    a:
+    lib.elem a (
+      h.loopback
+      ++ [
+        "localhost"
+        "127.0.0.1"
+        "::1/128"
+      ]
+    )
+  ) cfg.metrics.allowFrom;
 in
 {
   imports = [ ./common.nix ];
@@ -60,15 +113,25 @@ in
       description = ''
         The daemon's configuration (README, "Configuration"), written to a TOML file in the store
         and passed with `--config`. Any key of the daemon's config may be set; the daemon rejects
-        unknown ones (exit 78). No passwords here: see `credentials`. `metrics.listen` is set from
+        unknown ones (exit 78). No passwords here: see `credentials` (a URL holding a password, or
+        a `*password_file` in the store, fails evaluation). `metrics.listen` is set from
         `metrics.listenAddress` and `metrics.port`, so the socket and the config cannot disagree.
       '';
       example = lib.literalExpression ''{ amqp.prefetch = 500; log.level = "info"; }'';
+      # Unset typed keys (null) are left out of the file.
+      apply = lib.filterAttrsRecursive (_: v: v != null);
       type = types.submodule {
         freeformType = toml.type;
         options = {
           amqp = {
-            url = str "amqp://guest@127.0.0.1:5672/%2f" "Broker URI without the password.";
+            url = url "amqp://guest@127.0.0.1:5672/%2f" "Broker URI without the password (one in it fails evaluation: this file is in the world-readable store).";
+            password_file = secret "File with the broker password, read by the daemon itself (so readable by its user); the credential `amqp-password` is usually better.";
+            declare = bool true ''
+              Whether the daemon declares the exchanges and queues it uses (which needs the broker's
+              configure permission on them). False: it only checks, passively, that they exist (no
+              permission needed) and waits until they do; `consumer declare-topology` declares them.
+              The stack sets it to false for the daemons on its host.
+            '';
             exchange = str "weather" "Durable direct exchange readings are published to.";
             routing_key = str "weather_key" "Routing key of the readings.";
             queue = str "weather_queue" "Durable queue the consumer reads.";
@@ -86,7 +149,15 @@ in
             description = "`auto` logs natively to the journal under systemd.";
           };
         }
-        // extraSettings { inherit str; };
+        // extraSettings {
+          inherit
+            str
+            url
+            optionalUrl
+            secret
+            bool
+            ;
+        };
       };
     };
 
@@ -97,7 +168,25 @@ in
         default = metricsPort;
         description = "Port of the `/metrics` socket (`${daemon}.socket`).";
       };
-      openFirewall = lib.mkEnableOption "the metrics port in the firewall, for a Prometheus on another host";
+      openFirewall = lib.mkEnableOption "the metrics port in the firewall, for a Prometheus on another host (list that host in `metrics.allowFrom` too)";
+      allowFrom = mkOption {
+        type = types.listOf h.ipAddressPrefix;
+        default = h.loopback;
+        apply = lib.unique;
+        example = [
+          "127.0.0.0/8"
+          "::1"
+          "192.0.2.10"
+        ];
+        description = ''
+          Addresses that may connect to the `/metrics` socket (`${daemon}.socket`: `IPAddressAllow=`
+          these, replacing the package unit's `localhost`, and `IPAddressDeny=any`); anyone else's
+          connection is dropped. Any connection to the
+          socket starts `${daemon}.service` if it is stopped, so this matters even with the
+          firewall open. Defaults to loopback; the stack adds what its own Prometheus needs; a
+          Prometheus on another host must be listed here. Empty: nobody.
+        '';
+      };
     };
 
     credentials = lib.mapAttrs (
@@ -129,6 +218,16 @@ in
         ""
         listen
       ];
+      # Filtered in the kernel (cgroup BPF) before the daemon sees anything; connections the
+      # socket accepts stay under these rules after systemd passes it to the service. "" resets
+      # the package unit's lists (IPAddressAllow=localhost), so that allowFrom is the whole list.
+      socketConfig = {
+        IPAddressAllow = [ "" ] ++ cfg.metrics.allowFrom;
+        IPAddressDeny = [
+          ""
+          "any"
+        ];
+      };
     };
 
     systemd.services.${daemon} = {
@@ -156,9 +255,18 @@ in
         LoadCredential = lib.mkIf (credentialFiles != { }) (
           lib.mapAttrsToList (id: file: "${id}:${file}") credentialFiles
         );
+        # See `addresses` above: only the broker and database hosts, when known by address.
+        IPAddressAllow = lib.mkIf (addresses != null && addresses != [ ]) addresses;
+        IPAddressDeny = lib.mkIf (addresses != null) "any";
       };
     };
 
     networking.firewall.allowedTCPPorts = lib.optional cfg.metrics.openFirewall cfg.metrics.port;
+
+    warnings = lib.optional (cfg.metrics.openFirewall && loopbackOnly) ''
+      services.sistema-mensajes.${daemon}.metrics.openFirewall opens port ${toString cfg.metrics.port}, but
+      metrics.allowFrom lists only loopback, so the socket drops every other host's connection: list
+      the Prometheus host's addresses in services.sistema-mensajes.${daemon}.metrics.allowFrom.
+    '';
   };
 }

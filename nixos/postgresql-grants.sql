@@ -1,14 +1,20 @@
 -- Run by the postgres superuser in the pipeline's database (sistema-mensajes-postgresql-grants.service,
--- at every boot; idempotent), with psql variables owner, reader and schema:
---   psql -d weather -v owner=weather -v reader=weather_reader -v schema=public -f postgresql-grants.sql
--- The reader role may connect and read weather_logs, and nothing else. The consumer creates
--- weather_logs at its first start, perhaps long after this runs, so an event trigger grants SELECT
--- on it when it is created; if it exists already, it is granted here.
+-- at every boot; idempotent), with psql variables owner, writer, reader and schema:
+--   psql -d weather -v owner=weather -v writer=weather_writer -v reader=weather_reader -v schema=public \
+--     -f postgresql-grants.sql
+-- The reader role may connect and read weather_logs, and nothing else, one statement for at most
+-- 30 s. The migrations (`consumer migrate`, as the owner) create weather_logs, perhaps long after
+-- this runs, so an event trigger grants SELECT on it when it is created; if it exists already, it
+-- is granted here. The writer's grants on the tables are `consumer migrate`'s: it knows what its
+-- migrations create.
 \set ON_ERROR_STOP on
 \set table :schema '.weather_logs'
 
-SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'reader') \gexec
--- The consumer would create a schema other than public itself; created here so USAGE can be granted.
+SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), r)
+  FROM unnest(ARRAY[:'writer', :'reader']) AS r \gexec
+-- A dashboard's query over a long range must not hold a connection, and its snapshot, for ever.
+SELECT format('ALTER ROLE %I SET statement_timeout = %L', :'reader', '30s') \gexec
+-- `consumer migrate` would create a schema other than public itself; created here so USAGE can be granted.
 SELECT format('CREATE SCHEMA IF NOT EXISTS %I AUTHORIZATION %I', :'schema', :'owner') \gexec
 SELECT format('GRANT USAGE ON SCHEMA %I TO %I', :'schema', :'reader') \gexec
 

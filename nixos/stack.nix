@@ -2,14 +2,21 @@
 # turns on every part on this host; each part can be turned off to use an existing server, and
 # the parts can be spread over hosts (README, "NixOS").
 #
+# Least privilege: each daemon has its own broker user, which may neither declare nor delete
+# anything (`consumer declare-topology` does that once, as a separate topology user) and only
+# publish or consume what it must; the consumer's database role may only insert readings (the
+# database's owner applies migrations, in its own unit, as a Unix user the consumer cannot be);
+# Grafana's role may only read them. Nothing listens beyond loopback unless an option says so.
+#
 # nixpkgs options set here, with the file that declares them. Written for nixos-26.05 (flake.lock);
 # checked by evaluation against verbatim copies of these files from a 26.11-era nixpkgs
 # (../shared/nixos-eval/upstream, Swarsel/nixpkgs@4aa6836a; the 26.05 files could not be read here):
 #   services.rabbitmq.{enable,listenAddress,plugins,configItems}  nixos/modules/services/amqp/rabbitmq.nix
 #   services.postgresql.{enable,enableTCPIP,ensureDatabases,ensureUsers,identMap,authentication}
 #                                                     nixos/modules/services/databases/postgresql.nix
-#   services.prometheus.{enable,globalConfig,scrapeConfigs,ruleFiles}
+#   services.prometheus.{enable,listenAddress,port,globalConfig,scrapeConfigs,ruleFiles}
 #                                                     nixos/modules/services/monitoring/prometheus/default.nix
+#     (listenAddress: str, default "0.0.0.0", the host part of --web.listen-address; `port` beside it)
 #   services.grafana.{enable,settings.security.{admin_password,secret_key},provision.*}
 #                                                     nixos/modules/services/monitoring/grafana.nix
 #   systemd.services.*, users.*, networking.firewall.allowedTCPPorts  (nixos/lib/systemd-unit-options.nix,
@@ -28,6 +35,8 @@ let
   cfg = top.stack;
   share = "${top.package}/share/sistema-mensajes";
   names = top.consumer.settings.amqp;
+  toml = pkgs.formats.toml { };
+  consumerExe = lib.getExe' top.consumer.package "consumer";
   topologyKeys = [
     "exchange"
     "routing_key"
@@ -47,21 +56,154 @@ let
       description = "Whether to run and provision ${what} on this host.";
     };
 
+  # A host in a URL (IPv6 in brackets).
+  urlHost = a: if lib.hasInfix ":" a then "[${a}]" else a;
+
+  # The hardening of the oneshots that run our own binary (`consumer migrate`,
+  # `consumer declare-topology`): the daemons' set (systemd/consumer.service), minus what only a
+  # long-running notify service needs. Each unit adds its RestrictAddressFamilies= and IP lists;
+  # .ci/check-nix rates them with systemd-analyze security.
+  oneshotHardening = {
+    CapabilityBoundingSet = [ "" ];
+    AmbientCapabilities = [ "" ];
+    DeviceAllow = [ "" ];
+    DevicePolicy = "closed";
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    NoNewPrivileges = true;
+    PrivateDevices = true;
+    PrivateMounts = true;
+    PrivateTmp = true;
+    PrivateUsers = true;
+    ProcSubset = "pid";
+    ProtectClock = true;
+    ProtectControlGroups = true;
+    ProtectHome = true;
+    ProtectHostname = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    ProtectProc = "invisible";
+    ProtectSystem = "strict";
+    RemoveIPC = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged @resources"
+    ];
+    SystemCallErrorNumber = "EPERM";
+    UMask = "0077";
+    # Exit 75 (EX_TEMPFAIL): the server could not be reached, try again; the start job (and the
+    # daemon ordered after it) waits meanwhile. 1 (a failed migration or declaration) and 78
+    # (EX_CONFIG) are not retried.
+    Restart = "on-failure";
+    RestartSec = "5s";
+    RestartPreventExitStatus = [
+      "1"
+      "78"
+    ];
+  };
+
   # --- RabbitMQ -------------------------------------------------------------------------------
   rmq = cfg.rabbitmq;
+  roles = [
+    "producer"
+    "consumer"
+    "topology"
+  ];
   passwordFile =
-    d:
-    if rmq.users.${d}.passwordFile != null then
-      rmq.users.${d}.passwordFile
+    r:
+    if rmq.users.${r}.passwordFile != null then
+      rmq.users.${r}.passwordFile
     else
-      "/var/lib/sistema-mensajes-rabbitmq/${d}.password";
+      "/var/lib/sistema-mensajes-rabbitmq/${r}.password";
   provisionUnit = "sistema-mensajes-rabbitmq-provision.service";
+  topologyUnit = "sistema-mensajes-rabbitmq-topology.service";
+  # Where this host reaches its own broker.
+  amqpHost = h.connectAddress rmq.listenAddress;
+  localAmqpUrl = user: "amqp://${user}@${urlHost amqpHost}:${toString amqpPort}/%2f";
+  topologyAddresses = h.urlAddresses [ (localAmqpUrl rmq.users.topology.name) ];
+  # `consumer declare-topology`'s settings: the consumer's topology (names, queue type and any
+  # other declaration key), the topology user instead of the consumer's.
+  topologyConfig = toml.generate "declare-topology.toml" cfg.rabbitmq.topologySettings;
+  topologySettings = {
+    amqp =
+      removeAttrs names [
+        "url"
+        "password_file"
+        "declare"
+        "prefetch"
+      ]
+      // {
+        url = localAmqpUrl rmq.users.topology.name;
+      };
+  };
 
   # --- PostgreSQL -----------------------------------------------------------------------------
   pg = cfg.postgresql;
-  localSocketUrl = "postgres:///${pg.database}?host=/run/postgresql&user=${pg.database}";
+  socketUrl = role: "postgres:///${pg.database}?host=/run/postgresql&user=${role}";
+  migrateUser = "sistema-migrate";
+  grantsUnit = "sistema-mensajes-postgresql-grants.service";
+  migrateUnit = "sistema-mensajes-postgresql-migrate.service";
+  # `consumer migrate`'s settings: it connects as the owner (owner_url) and grants the role named
+  # in `url`, the writer, what the consumer needs.
+  migrateConfig = toml.generate "migrate.toml" cfg.postgresql.migrateSettings;
+  migrateSettings = {
+    postgres = {
+      url = socketUrl pg.writerRole;
+      owner_url = socketUrl pg.database;
+      inherit (top.consumer.settings.postgres) schema;
+    };
+  };
+  # The generated settings of a oneshot, exposed read-only so that CI can check them with the
+  # consumer's own --check-config.
+  generated =
+    what: value:
+    mkOption {
+      type = toml.type;
+      default = value;
+      readOnly = true;
+      internal = true;
+      description = "The settings `consumer ${what}` gets (generated).";
+    };
+  # A role's password for TCP logins, from a credential. PostgreSQL may log statements, so only
+  # the SCRAM-SHA-256 verifier (`consumer hash-password`) goes into SQL, never the password; it
+  # reaches psql on stdin, not on a command line.
+  setPassword =
+    role: credential:
+    let
+      psql = "psql -d ${lib.escapeShellArg pg.database} -v ON_ERROR_STOP=1 -v role=${lib.escapeShellArg role}";
+    in
+    ''
+      verifier=$(${consumerExe} hash-password <"$CREDENTIALS_DIRECTORY/${credential}")
+      if ! [[ $verifier =~ ^SCRAM-SHA-256\$[0-9]+:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+$ ]]; then
+        echo "consumer hash-password gave no SCRAM-SHA-256 verifier for ${role}" >&2
+        exit 1
+      fi
+      ${psql} <<SQL
+      \set verifier '$verifier'
+      ALTER ROLE :"role" PASSWORD :'verifier';
+      SQL
+      echo "password of ${role} set (SCRAM-SHA-256 verifier)"
+    '';
+  passwords = lib.filter (p: p.file != null) [
+    {
+      role = pg.database;
+      credential = "owner-password";
+      file = pg.tcp.ownerPasswordFile;
+    }
+    {
+      role = pg.writerRole;
+      credential = "writer-password";
+      file = pg.tcp.writerPasswordFile;
+    }
+  ];
 
   # --- Prometheus -----------------------------------------------------------------------------
+  prom = config.services.prometheus;
   job =
     name: targets: extra:
     lib.optional (targets != [ ]) (
@@ -72,12 +214,26 @@ let
       // extra
     );
   localTarget =
-    d: lib.optional top.${d}.enable (h.hostPort top.${d}.metrics.listenAddress top.${d}.metrics.port);
+    d:
+    lib.optional top.${d}.enable (
+      h.hostPort (h.connectAddress top.${d}.metrics.listenAddress) top.${d}.metrics.port
+    );
+  # What this host's Prometheus connects from when it scrapes a daemon here: loopback, or the
+  # daemon's own address when it listens on one that is not.
+  scrapeSources =
+    d:
+    h.loopback
+    ++ lib.optional (!h.isLocal top.${d}.metrics.listenAddress) top.${d}.metrics.listenAddress;
 in
 {
   imports = [
     ./producer.nix
     ./consumer.nix
+    # It was the owner's password, which the consumers then logged in as; they now use the writer.
+    (lib.mkRenamedOptionModule
+      [ "services" "sistema-mensajes" "stack" "postgresql" "tcp" "passwordFile" ]
+      [ "services" "sistema-mensajes" "stack" "postgresql" "tcp" "ownerPasswordFile" ]
+    )
   ];
 
   options.services.sistema-mensajes.stack = {
@@ -86,59 +242,104 @@ in
       sistema-mensajes, with the daemons that are enabled here wired to them'';
 
     rabbitmq = {
-      enable = enableOption "RabbitMQ (with rabbitmq_prometheus and per-queue metrics, one user per daemon, no guest)";
+      enable = enableOption "RabbitMQ (with rabbitmq_prometheus and per-queue metrics, one user per daemon and one that declares the topology, no guest)";
       listenAddress = mkOption {
         type = types.str;
         default = "127.0.0.1";
         description = "Address RabbitMQ listens on for AMQP (`services.rabbitmq.listenAddress`); `0.0.0.0` for every IPv4 interface.";
       };
-      openFirewall = lib.mkEnableOption "the AMQP port and the metrics port (15692) in the firewall, for daemons and a Prometheus on other hosts";
-      users = lib.genAttrs [ "producer" "consumer" ] (d: {
+      openFirewall = lib.mkEnableOption "the AMQP port in the firewall, for daemons on other hosts";
+      metrics = {
+        listenAddress = mkOption {
+          type = types.str;
+          default = "127.0.0.1";
+          description = ''
+            Address of RabbitMQ's Prometheus endpoint (rabbitmq_prometheus, port
+            ${toString rabbitmqMetricsPort}: `prometheus.tcp.ip`). It needs no password and shows every
+            queue's name and depth, so it stays on loopback unless a Prometheus on another host needs
+            it (then e.g. `0.0.0.0`, with `metrics.openFirewall`).
+          '';
+        };
+        openFirewall = lib.mkEnableOption "RabbitMQ's metrics port (${toString rabbitmqMetricsPort}, unauthenticated) in the firewall, for a Prometheus on another host";
+      };
+      topologySettings = generated "declare-topology" topologySettings;
+      users = lib.genAttrs roles (r: {
         name = mkOption {
           type = types.str;
-          default = "sistema-${d}";
-          description = "Broker user of the ${d}.";
+          default = "sistema-${r}";
+          description =
+            {
+              producer = "Broker user of the producer: may publish to the exchange, nothing else.";
+              consumer = "Broker user of the consumer: may consume the queue and publish to the dead-letter exchange, nothing else.";
+              topology = "Broker user that declares the exchanges, queues and bindings (`consumer declare-topology`, in sistema-mensajes-rabbitmq-topology.service); no daemon uses it.";
+            }
+            .${r};
         };
-        passwordFile = h.secretFile ''
-          File with the ${d}'s broker password (the same file, or a copy, goes to the ${d}'s host as
-          `services.sistema-mensajes.${d}.credentials.amqp-password`). Null: a random one is
-          generated at first boot in /var/lib/sistema-mensajes-rabbitmq/${d}.password.
-        '';
+        passwordFile = h.secretFile (
+          if r == "topology" then
+            ''
+              File with the topology user's broker password. Null: a random one is generated at first
+              boot in /var/lib/sistema-mensajes-rabbitmq/topology.password (a directory only the
+              rabbitmq user and root can read).
+            ''
+          else
+            ''
+              File with the ${r}'s broker password (the same file, or a copy, goes to the ${r}'s host as
+              `services.sistema-mensajes.${r}.credentials.amqp-password`). Null: a random one is
+              generated at first boot in /var/lib/sistema-mensajes-rabbitmq/${r}.password.
+            ''
+        );
       });
     };
 
     postgresql = {
-      enable = enableOption "PostgreSQL with the database, its owner role and a read-only role for Grafana";
+      enable = enableOption "PostgreSQL with the database, its owner role, a writer role for the consumer and a read-only role for Grafana";
       database = mkOption {
         type = types.str;
         default = "weather";
         description = ''
-          Database, and the role that owns it (nixpkgs' `ensureDBOwnership` wants the same name). A
-          consumer on this host reaches it over the Unix socket with peer authentication: no password.
+          Database, and the role that owns it (nixpkgs' `ensureDBOwnership` wants the same name). Only
+          `consumer migrate` logs in as the owner (sistema-mensajes-postgresql-migrate.service, as the
+          Unix user `${migrateUser}`, over the Unix socket with peer authentication).
+        '';
+      };
+      writerRole = mkOption {
+        type = types.str;
+        default = "${pg.database}_writer";
+        defaultText = lib.literalExpression ''"''${config.services.sistema-mensajes.stack.postgresql.database}_writer"'';
+        description = ''
+          Role the consumer logs in as: `consumer migrate` grants it USAGE on the schema, INSERT on
+          `weather_logs` (and SELECT on its `message_id`, for ON CONFLICT), SELECT on
+          `schema_migrations` and EXECUTE on `weather_logs_conflicts`, and nothing else. A consumer
+          on this host reaches it over the Unix socket with peer authentication (its Unix user is
+          mapped to it): no password.
         '';
       };
       readerRole = mkOption {
         type = types.str;
         default = "weather_reader";
-        description = "Role Grafana reads with: it may only SELECT from `weather_logs`.";
+        description = "Role Grafana reads with: it may only SELECT from `weather_logs`, each statement for at most 30 s.";
       };
       tcp = {
-        enable = lib.mkEnableOption "password logins over TCP for consumers on other hosts (scram-sha-256)";
-        passwordFile = h.secretFile "File with the database role's password; the consumers get the same as `credentials.postgres-password`.";
+        enable = lib.mkEnableOption "password logins over TCP (scram-sha-256) for consumers on other hosts, as the writer role";
+        writerPasswordFile = h.secretFile "File with the writer role's password, for consumers on other hosts (they get the same file as `credentials.postgres-password`). Set in PostgreSQL as its SCRAM-SHA-256 verifier only.";
+        ownerPasswordFile = h.secretFile "File with the owner role's password. Null: the owner cannot log in over TCP at all (the migrations run on this host). Set it only to run `consumer migrate` from another host; set in PostgreSQL as its SCRAM-SHA-256 verifier only.";
         allowFrom = mkOption {
           type = types.listOf types.str;
-          default = [
-            "0.0.0.0/0"
-            "::/0"
+          default = [ ];
+          example = [
+            "192.0.2.0/24"
+            "2001:db8::/64"
           ];
-          description = "Networks (pg_hba.conf addresses) the consumers connect from.";
+          description = "Networks (pg_hba.conf addresses) the consumers connect from. Required with `tcp.enable`: nothing is open by default.";
         };
         openFirewall = lib.mkEnableOption "PostgreSQL's port in the firewall";
       };
+      migrateSettings = generated "migrate" migrateSettings;
     };
 
     prometheus = {
-      enable = enableOption "Prometheus, scraping both daemons, RabbitMQ and itself, with the pipeline's alert rules";
+      enable = enableOption "Prometheus (listening on 127.0.0.1 unless `services.prometheus.listenAddress` says otherwise), scraping both daemons, RabbitMQ and itself, with the pipeline's alert rules";
       targets =
         lib.mapAttrs
           (
@@ -153,7 +354,9 @@ in
           {
             producer = localTarget "producer";
             consumer = localTarget "consumer";
-            rabbitmq = lib.optional rmq.enable "127.0.0.1:${toString rabbitmqMetricsPort}";
+            rabbitmq = lib.optional rmq.enable (
+              h.hostPort (h.connectAddress rmq.metrics.listenAddress) rabbitmqMetricsPort
+            );
           };
     };
 
@@ -163,8 +366,8 @@ in
       secretKeyFile = h.secretFile "File with Grafana's `secret_key` (required: nixpkgs no longer has a default), e.g. from `openssl rand -hex 32`.";
       prometheusUrl = mkOption {
         type = types.str;
-        default = "http://127.0.0.1:${toString config.services.prometheus.port}";
-        defaultText = lib.literalExpression ''"http://127.0.0.1:''${toString config.services.prometheus.port}"'';
+        default = "http://${h.hostPort (h.connectAddress prom.listenAddress) prom.port}";
+        defaultText = lib.literalMD "`http://` and `services.prometheus.listenAddress` (127.0.0.1 for a wildcard) and `port`";
         description = "URL of the Prometheus datasource (`uid` sistema-prometheus).";
       };
     };
@@ -199,11 +402,16 @@ in
           # A reading is a few hundred bytes; RabbitMQ's default allows 128 MiB a message, which a
           # consumer must hold in memory whole before it can even reject it (README, "Memory").
           "max_message_size" = toString (1024 * 1024);
+        }
+        # The listener's interface, as rabbitmq.nix sets `management.tcp.ip` for the management
+        # plugin (rabbitmq_prometheus takes the same prometheus.tcp.* keys); "": every interface.
+        // lib.optionalAttrs (rmq.metrics.listenAddress != "") {
+          "prometheus.tcp.ip" = rmq.metrics.listenAddress;
         };
       };
 
       systemd.services.sistema-mensajes-rabbitmq-provision = {
-        description = "sistema-mensajes: RabbitMQ users for the daemons";
+        description = "sistema-mensajes: RabbitMQ users for the daemons and the topology";
         wantedBy = [ "multi-user.target" ];
         requires = [ "rabbitmq.service" ];
         after = [ "rabbitmq.service" ];
@@ -219,6 +427,8 @@ in
           # rabbitmqctl authenticates with the Erlang cookie in rabbitmq's home (its dataDir).
           User = "rabbitmq";
           Group = "rabbitmq";
+          # The generated passwords: readable by rabbitmq (which administers the broker anyway) and
+          # root (PID 1 hands them to the units as credentials), no one else.
           StateDirectory = "sistema-mensajes-rabbitmq";
           StateDirectoryMode = "0700";
           UMask = "0077";
@@ -237,38 +447,87 @@ in
               "--dead-letter-queue"
               names.dead_letter_queue
             ]
-            ++ map (d: "${d}:${rmq.users.${d}.name}:${passwordFile d}") [
-              "producer"
-              "consumer"
-            ]
+            ++ map (r: "${r}:${rmq.users.${r}.name}:${passwordFile r}") roles
           );
         };
       };
 
-      networking.firewall.allowedTCPPorts = lib.optionals rmq.openFirewall [
-        amqpPort
-        rabbitmqMetricsPort
-      ];
+      # The exchanges, queues and bindings, declared once by the topology user, so that the
+      # daemons' users need no configure permission (their `amqp.declare` is false).
+      systemd.services.sistema-mensajes-rabbitmq-topology = {
+        description = "sistema-mensajes: RabbitMQ exchanges and queues (consumer declare-topology)";
+        wantedBy = [ "multi-user.target" ];
+        requires = [ provisionUnit ];
+        after = [ provisionUnit ];
+        serviceConfig =
+          oneshotHardening
+          // {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = utils.escapeSystemdExecArgs [
+              consumerExe
+              "--config"
+              topologyConfig
+              "declare-topology"
+            ];
+            DynamicUser = true;
+            LoadCredential = [ "amqp-password:${passwordFile "topology"}" ];
+            RestrictAddressFamilies = [
+              "AF_UNIX"
+              "AF_INET"
+              "AF_INET6"
+            ];
+          }
+          # The local broker only, when its address is known (h.urlAddresses: null for a DNS name).
+          // lib.optionalAttrs (topologyAddresses != null) {
+            IPAddressAllow = topologyAddresses;
+            IPAddressDeny = "any";
+          };
+      };
 
+      networking.firewall.allowedTCPPorts =
+        lib.optional rmq.openFirewall amqpPort ++ lib.optional rmq.metrics.openFirewall rabbitmqMetricsPort;
     })
 
-    # Daemons on this host and the broker: our user, its password, after the users exist.
+    # Daemons on this host and the broker: our user, its password, no declarations, after the
+    # users and the topology exist.
     (lib.mkIf rmq.enable {
       services.sistema-mensajes = lib.genAttrs [ "producer" "consumer" ] (d: {
-        settings.amqp.url = mkDefault "amqp://${rmq.users.${d}.name}@127.0.0.1:${toString amqpPort}/%2f";
+        settings.amqp = {
+          url = mkDefault (localAmqpUrl rmq.users.${d}.name);
+          declare = mkDefault false;
+        };
         credentials.amqp-password = mkDefault (passwordFile d);
       });
       systemd.services = lib.genAttrs [ "producer" "consumer" ] (
         d:
         lib.mkIf top.${d}.enable {
-          wants = [ provisionUnit ];
-          after = [ provisionUnit ];
+          wants = [
+            provisionUnit
+            topologyUnit
+          ];
+          after = [
+            provisionUnit
+            topologyUnit
+          ];
         }
       );
     })
 
     # --- PostgreSQL -------------------------------------------------------------------------
     (lib.mkIf pg.enable {
+      assertions = [
+        {
+          assertion = !pg.tcp.enable || pg.tcp.allowFrom != [ ];
+          message = "services.sistema-mensajes.stack.postgresql.tcp: list the networks the consumers connect from in tcp.allowFrom (it is empty, so no TCP login would be accepted; nothing is open by default).";
+        }
+      ];
+      warnings = lib.optional (pg.tcp.enable && pg.tcp.writerPasswordFile == null) ''
+        services.sistema-mensajes.stack.postgresql.tcp.enable is set without tcp.writerPasswordFile:
+        the writer role ${pg.writerRole} has no password, so no consumer can log in over TCP unless
+        you set one yourself.
+      '';
+
       # nixos/modules/services/databases/postgresql.nix
       services.postgresql = {
         enable = true;
@@ -279,57 +538,110 @@ in
             name = pg.database;
             ensureDBOwnership = true;
           }
+          { name = pg.writerRole; }
           { name = pg.readerRole; }
         ];
         # Peer authentication over the Unix socket, mapped: the consumer's Unix user logs in as the
-        # database's owner, Grafana's as the read-only role. Inserted above nixpkgs' defaults.
+        # writer (never as the owner), the migrations' as the owner, Grafana's as the read-only
+        # role. Inserted above nixpkgs' defaults, so these lines decide for these roles.
         identMap = ''
-          sistema-mensajes ${top.consumer.user} ${pg.database}
+          sistema-mensajes ${top.consumer.user} ${pg.writerRole}
+          sistema-mensajes ${migrateUser} ${pg.database}
           sistema-mensajes grafana ${pg.readerRole}
         '';
         authentication = ''
           local ${pg.database} ${pg.database} peer map=sistema-mensajes
+          local ${pg.database} ${pg.writerRole} peer map=sistema-mensajes
           local ${pg.database} ${pg.readerRole} peer map=sistema-mensajes
         ''
         + lib.optionalString pg.tcp.enable (
           lib.concatMapStrings (
-            net: "host ${pg.database} ${pg.database} ${net} scram-sha-256\n"
+            net:
+            "host ${pg.database} ${pg.writerRole} ${net} scram-sha-256\n"
+            + lib.optionalString (
+              pg.tcp.ownerPasswordFile != null
+            ) "host ${pg.database} ${pg.database} ${net} scram-sha-256\n"
           ) pg.tcp.allowFrom
         );
       };
 
-      # The read-only role may read weather_logs once the consumer has created it (an event
-      # trigger grants it then), and nothing else; the owner's password, for TCP logins.
+      # The read-only role may read weather_logs once it exists (an event trigger grants it when
+      # the migrations create it), with a statement timeout; the roles' passwords, for TCP logins.
       systemd.services.sistema-mensajes-postgresql-grants = {
-        description = "sistema-mensajes: PostgreSQL grants for the read-only role";
+        description = "sistema-mensajes: PostgreSQL grants for the read-only role, role passwords";
         wantedBy = [ "multi-user.target" ];
         requires = [ "postgresql.target" ];
         after = [ "postgresql.target" ];
         path = [ config.services.postgresql.finalPackage ];
         script = ''
           psql -d ${lib.escapeShellArg pg.database} -v ON_ERROR_STOP=1 \
-            -v owner=${lib.escapeShellArg pg.database} -v reader=${lib.escapeShellArg pg.readerRole} \
+            -v owner=${lib.escapeShellArg pg.database} -v writer=${lib.escapeShellArg pg.writerRole} \
+            -v reader=${lib.escapeShellArg pg.readerRole} \
             -v schema=${lib.escapeShellArg top.consumer.settings.postgres.schema} \
             -f ${./postgresql-grants.sql}
         ''
-        + lib.optionalString (pg.tcp.passwordFile != null) ''
-          psql -d ${lib.escapeShellArg pg.database} -v ON_ERROR_STOP=1 -v owner=${lib.escapeShellArg pg.database} <<'SQL'
-          \set password `cat "$CREDENTIALS_DIRECTORY/owner-password"`
-          ALTER ROLE :"owner" PASSWORD :'password';
-          SQL
-        '';
+        + lib.concatMapStrings (p: setPassword p.role p.credential) passwords;
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;
           User = "postgres";
           Group = "postgres";
-          LoadCredential = lib.mkIf (pg.tcp.passwordFile != null) [ "owner-password:${pg.tcp.passwordFile}" ];
+          LoadCredential = lib.mkIf (passwords != [ ]) (map (p: "${p.credential}:${p.file}") passwords);
+        };
+      };
+
+      # The migrations, as the database's owner, before the consumer (whose role could not apply
+      # them): `consumer migrate` applies the pending ones and grants the writer what it needs.
+      users.users.${migrateUser} = {
+        isSystemUser = true;
+        group = migrateUser;
+        description = "sistema-mensajes database migrations, as the database's owner";
+      };
+      users.groups.${migrateUser} = { };
+      systemd.services.sistema-mensajes-postgresql-migrate = {
+        description = "sistema-mensajes: database migrations, as the owner (consumer migrate)";
+        wantedBy = [ "multi-user.target" ];
+        # Wants, not Requires: a restart of PostgreSQL would otherwise restart this unit, and with
+        # it the consumer (which Requires it). Unreachable, it exits 75 and is retried. After the
+        # grants, so that the event trigger is there when weather_logs is created.
+        wants = [
+          "postgresql.target"
+          grantsUnit
+        ];
+        after = [
+          "postgresql.target"
+          grantsUnit
+        ];
+        serviceConfig = oneshotHardening // {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = utils.escapeSystemdExecArgs [
+            consumerExe
+            "--config"
+            migrateConfig
+            "migrate"
+          ];
+          # Static, so that PostgreSQL's peer authentication sees this name (identMap above).
+          User = migrateUser;
+          Group = migrateUser;
+          # The Unix socket only.
+          RestrictAddressFamilies = [ "AF_UNIX" ];
+          IPAddressDeny = "any";
         };
       };
 
       networking.firewall.allowedTCPPorts = lib.optional pg.tcp.openFirewall config.services.postgresql.settings.port;
 
-      services.sistema-mensajes.consumer.settings.postgres.url = mkDefault localSocketUrl;
+      services.sistema-mensajes.consumer.settings.postgres = {
+        url = mkDefault (socketUrl pg.writerRole);
+        # The migrate unit applies them; the writer only checks.
+        migrate = mkDefault false;
+      };
+      # A consumer on this host starts once the migrations are applied.
+      systemd.services.consumer = lib.mkIf top.consumer.enable {
+        requires = [ migrateUnit ];
+        after = [ migrateUnit ];
+      };
     })
 
     # --- Prometheus -------------------------------------------------------------------------
@@ -337,6 +649,8 @@ in
       # nixos/modules/services/monitoring/prometheus/default.nix
       services.prometheus = {
         enable = true;
+        # Its web UI and API need no password: loopback unless set otherwise (nixpkgs: 0.0.0.0).
+        listenAddress = mkDefault "127.0.0.1";
         globalConfig.scrape_interval = mkDefault "15s";
         scrapeConfigs =
           job "producer" cfg.prometheus.targets.producer { }
@@ -354,10 +668,15 @@ in
               vhost = [ "/" ];
             };
           }
-          ++ job "prometheus" [ "127.0.0.1:${toString config.services.prometheus.port}" ] { };
+          ++ job "prometheus" [ (h.hostPort (h.connectAddress prom.listenAddress) prom.port) ] { };
         # nixos/prometheus/alerts.yml, checked by promtool when the system is built.
         ruleFiles = [ "${share}/prometheus/alerts.yml" ];
       };
+
+      # The daemons on this host let this Prometheus connect to their metrics sockets.
+      services.sistema-mensajes = lib.genAttrs [ "producer" "consumer" ] (
+        d: lib.mkIf top.${d}.enable { metrics.allowFrom = scrapeSources d; }
+      );
     })
 
     # --- Grafana ----------------------------------------------------------------------------

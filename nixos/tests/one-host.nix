@@ -4,6 +4,16 @@ let
   psql = sql: "sudo -u postgres psql -d weather -tAc ${pkgs.lib.escapeShellArg sql}";
   rows = psql "SELECT count(*) FROM weather_logs";
   rabbitmqctl = args: "su -s ${pkgs.runtimeShell} rabbitmq -c 'rabbitmqctl ${args}'";
+  # psqlAs UNIX-USER ROLE SQL: over the Unix socket, peer authentication through the stack's map.
+  psqlAs =
+    user: role: sql:
+    "sudo -u ${user} psql -X -v ON_ERROR_STOP=1 'host=/run/postgresql dbname=weather user=${role}' -tAc ${pkgs.lib.escapeShellArg sql}";
+  # amqp-refused USER ACTION...: the broker must refuse the user each action (403).
+  pika = pkgs.python3.withPackages (ps: [ ps.pika ]);
+  amqpRefused =
+    user: actions:
+    "${pika}/bin/python3 ${./amqp-refused.py} amqp://127.0.0.1:5672/%2f sistema-${user}"
+    + " /var/lib/sistema-mensajes-rabbitmq/${user}.password ${actions}";
   # A query through Grafana's PostgreSQL datasource: grafana-count TABLE prints the JSON answer.
   grafanaCount = pkgs.writeShellScript "grafana-count" ''
     ${pkgs.curl}/bin/curl -sf -u admin:snakeoil-admin -H 'Content-Type: application/json' \
@@ -40,8 +50,10 @@ in
     with subtest("the units come up in order"):
         machine.wait_for_unit("rabbitmq.service")
         machine.wait_for_unit("sistema-mensajes-rabbitmq-provision.service")
+        machine.wait_for_unit("sistema-mensajes-rabbitmq-topology.service")
         machine.wait_for_unit("postgresql.target")
         machine.wait_for_unit("sistema-mensajes-postgresql-grants.service")
+        machine.wait_for_unit("sistema-mensajes-postgresql-migrate.service")
         machine.wait_for_unit("consumer.service")
         machine.wait_for_unit("producer.service")
         machine.wait_for_open_port(9101)
@@ -50,15 +62,50 @@ in
     with subtest("the producer publishes and rows appear in weather_logs"):
         machine.wait_until_succeeds("test $(${rows}) -gt 50", timeout=180)
 
-    with subtest("no guest account; one broker user per daemon"):
+    with subtest("no guest account; one broker user per daemon, one for the topology"):
         users = machine.succeed("${rabbitmqctl "list_users --no-table-headers"}")
         assert "guest" not in users, users
-        assert "sistema-producer" in users and "sistema-consumer" in users, users
+        assert "sistema-producer" in users and "sistema-consumer" in users and "sistema-topology" in users, users
+
+    with subtest("RabbitMQ: each daemon's user may do its own job only"):
+        # The producer may only publish readings: not consume them, nor declare, delete or dead-letter.
+        machine.succeed("${amqpRefused "producer" "consume:weather_queue declare-queue:weather_queue delete-queue:weather_queue declare-exchange:weather publish:weather_dead_letter"}")
+        # The consumer may only consume readings and dead-letter them: not publish readings, declare or delete.
+        machine.succeed("${amqpRefused "consumer" "publish:weather declare-exchange:weather declare-queue:weather_queue delete-queue:weather_queue consume:weather_dead_letter"}")
+        machine.succeed("journalctl -u sistema-mensajes-rabbitmq-topology.service | grep -q 'topology declared'")
+
+    with subtest("PostgreSQL: the consumer's role may insert, nothing more; the owner only migrates"):
+        machine.succeed("journalctl -u sistema-mensajes-postgresql-migrate.service | grep -q 'role .weather_writer. may insert'")
+        # The consumer's Unix user logs in as the writer...
+        machine.succeed("test \"$(${
+          psqlAs "sistema-consumer" "weather_writer" "SELECT current_user"
+        })\" = weather_writer")
+        # ...which may neither change nor remove rows, nor drop the table, nor read them (it sees
+        # only message_id, for ON CONFLICT)...
+        for sql in ["DELETE FROM weather_logs", "UPDATE weather_logs SET message_id = message_id", "TRUNCATE weather_logs", "DROP TABLE weather_logs", "SELECT * FROM weather_logs LIMIT 1"]:
+            machine.fail(f"${psqlAs "sistema-consumer" "weather_writer" "{sql}"}")
+        # ...and never as the owner; the migrations' Unix user does.
+        machine.fail("${psqlAs "sistema-consumer" "weather" "SELECT 1"}")
+        machine.succeed("test \"$(${
+          psqlAs "sistema-migrate" "weather" "SELECT current_user"
+        })\" = weather")
+        assert int(machine.succeed("${rows}").strip()) > 0
+        # Grafana's role reads, one statement for at most 30 s.
+        machine.succeed("test \"$(${
+          psqlAs "grafana" "weather_reader" "SHOW statement_timeout"
+        })\" = 30s")
+
+    with subtest("the stack's services listen on loopback only"):
+        # PostgreSQL, AMQP, RabbitMQ's metrics, Prometheus, Grafana, the daemons' metrics sockets.
+        for port in [5432, 5672, 15692, 9090, 3000, 9101, 9102]:
+            machine.wait_for_open_port(port)
+            listening = machine.succeed(f"ss -ltnH 'sport = :{port}' | awk '{{ print $4 }}'").split()
+            assert listening and all(a.startswith(("127.0.0.1:", "[::1]:")) for a in listening), (port, listening)
 
     with subtest("systemctl status and journalctl show the daemon's status and fields"):
         machine.succeed("systemctl status consumer.service | grep -E 'Status: \"stored [0-9]+ readings'")
         machine.succeed("journalctl -u consumer.service -o verbose | grep -E '^ +SCHEMA=public$'")
-        machine.succeed("journalctl -u consumer.service | grep -q 'Applied database migration.'")
+        machine.succeed("journalctl -u sistema-mensajes-postgresql-migrate.service | grep -q 'Applied database migration.'")
         machine.succeed("test \"$(systemctl show -p User --value consumer.service)\" = sistema-consumer")
 
     with subtest("Prometheus: every target up, and the pipeline's metrics"):

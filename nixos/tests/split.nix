@@ -34,7 +34,9 @@ in
   testScript = ''
     backend.start()
     backend.wait_for_unit("sistema-mensajes-rabbitmq-provision.service")
+    backend.wait_for_unit("sistema-mensajes-rabbitmq-topology.service")
     backend.wait_for_unit("sistema-mensajes-postgresql-grants.service")
+    backend.wait_for_unit("sistema-mensajes-postgresql-migrate.service")
     backend.wait_for_open_port(5672)
     backend.wait_for_open_port(5432)
 
@@ -55,6 +57,29 @@ in
                 "curl -sf http://127.0.0.1:9102/metrics | awk '$1 == \"messages_processed_total\" && $2 > 0 { found = 1 } END { exit !found }'",
                 timeout=120,
             )
+
+    with subtest("only the backend's Prometheus reaches the metrics sockets; the backend's own stay closed"):
+        # The producer host is on the network and port 9102 is open in the consumers' firewall,
+        # but their sockets accept loopback and the backend only (metrics.allowFrom).
+        for c in ["consumer1", "consumer2"]:
+            producer.fail(f"curl -sf --max-time 5 http://{c}:9102/metrics")
+        backend.succeed("curl -sf --max-time 5 http://consumer1:9102/metrics | grep -q messages_processed_total")
+        # The broker's unauthenticated metrics and Prometheus listen on the backend's loopback only.
+        consumer1.fail("curl -sf --max-time 5 http://backend:15692/metrics")
+        consumer1.fail("curl -sf --max-time 5 http://backend:9090/-/ready")
+        backend.succeed("curl -sf --max-time 5 http://127.0.0.1:9090/-/ready")
+        # consumer2 names the backend by address: its service may reach that address only.
+        consumer2.succeed("test -n \"$(systemctl show -p IPAddressDeny --value consumer.service)\"")
+        consumer1.succeed("test -z \"$(systemctl show -p IPAddressDeny --value consumer.service)\"")
+
+    with subtest("the writer role over TCP may insert, nothing more"):
+        writer = "PGPASSWORD=snakeoil-writer psql -X -v ON_ERROR_STOP=1 'host=192.168.1.1 dbname=weather user=weather_writer' -tAc"
+        backend.succeed(f"{writer} 'SELECT 1 FROM schema_migrations LIMIT 1'")
+        for sql in ["DELETE FROM weather_logs", "DROP TABLE weather_logs", "SELECT * FROM weather_logs LIMIT 1"]:
+            backend.fail(f"{writer} '{sql}'")
+        # The owner's password logs in over TCP too (tcp.ownerPasswordFile is set here).
+        backend.succeed("PGPASSWORD=snakeoil-owner psql -X 'host=192.168.1.1 dbname=weather user=weather' -tAc 'SELECT 1'")
+        backend.fail("PGPASSWORD=wrong psql -X 'host=192.168.1.1 dbname=weather user=weather_writer' -tAc 'SELECT 1'")
 
     with subtest("Prometheus on the backend scrapes every host"):
         backend.wait_until_succeeds(
