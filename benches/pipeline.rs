@@ -92,6 +92,10 @@ struct Args {
     /// minimal, ours, minimal. Saves two of five fills, for large backlogs.
     #[arg(long)]
     skip_bare: bool,
+    /// Connections that scrape our consumer's `/metrics` back to back, keep-alive, during its
+    /// drain: what a scrape flood costs the pipeline (compare its ratio with a run without).
+    #[arg(long, default_value_t = 0)]
+    metrics_flood: usize,
     /// Ignored: cargo bench passes it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -603,6 +607,65 @@ fn start_consumer(args: &Args, names: &Names) -> (std::process::Child, u16, Syst
     (child, port, started)
 }
 
+/// `--metrics-flood`: threads scraping `/metrics` back to back until dropped.
+struct Flood {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Flood {
+    fn start(port: u16, connections: usize) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..connections)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    use std::io::{BufRead, Read, Write};
+                    let mut scrapes = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        };
+                        let mut w = s.try_clone().unwrap();
+                        let mut r = std::io::BufReader::new(s);
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let sent = w.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n");
+                            let (mut line, mut length) = (String::new(), 0usize);
+                            let mut ok = sent.is_ok();
+                            while ok {
+                                line.clear();
+                                ok = r.read_line(&mut line).is_ok_and(|n| n > 0);
+                                if line == "\r\n" {
+                                    break;
+                                }
+                                if let Some(v) =
+                                    line.to_ascii_lowercase().strip_prefix("content-length:")
+                                {
+                                    length = v.trim().parse().unwrap_or(0);
+                                }
+                            }
+                            let mut body = vec![0; length];
+                            if !ok || r.read_exact(&mut body).is_err() {
+                                break;
+                            }
+                            scrapes += 1;
+                        }
+                    }
+                    scrapes
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+
+    /// Stops the threads; how many scrapes they made.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads.into_iter().map(|t| t.join().unwrap()).sum()
+    }
+}
+
 fn wait_processed(port: u16, n: u64, limit: Duration) {
     let deadline = Instant::now() + limit;
     while processed(port) != Some(n) {
@@ -811,7 +874,12 @@ async fn main() {
                 }
                 Drain::Ours => {
                     let (child, port, started) = start_consumer(&args, &names);
+                    let flood = Flood::start(port, args.metrics_flood);
                     wait_processed(port, n as u64, drain_limit(n));
+                    let scrapes = flood.stop();
+                    if args.metrics_flood > 0 {
+                        s.push("metrics_flood_scrapes", scrapes as f64);
+                    }
                     our_cpu = s.phase_cpu("consumer_drain", cpu, n);
                     let (first_commit, last_commit) = commits(&pg, &names).await;
                     let elapsed = last_commit.duration_since(started).unwrap();

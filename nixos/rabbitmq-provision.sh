@@ -89,7 +89,14 @@ for spec in "${specs[@]}"; do
       write=$(alt "$queue" "$dlq")
       read=$(alt "$exchange" "$dlx")
       ;;
-    replay) configure='^$' write=$(alt "$exchange") read=$(alt "$dlq") ;;
+    replay)
+      configure='^$' write=$(alt "$exchange") read=$(alt "$dlq")
+      # Patterns match names of any kind: read on the queue would also be read on an exchange of
+      # the same name, enough to bind it to the readings' exchange (docs/security.md).
+      if [ "$dlx" = "$dlq" ]; then
+        echo "rabbitmq-provision: warning: the dead-letter exchange and queue share the name '$dlq'; $user may bind the exchange to '$exchange'. Give them different names." >&2
+      fi
+      ;;
     *) echo "rabbitmq-provision: unknown role '$role' (producer, consumer, topology or replay)" >&2; exit 2 ;;
   esac
 

@@ -25,12 +25,28 @@ const REDACTED: &str = "REDACTED";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
+    #[error("{}", without_source_lines(.0))]
     Parse(Box<figment::Error>),
     #[error("invalid value for `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
     #[error(transparent)]
     Secret(#[from] SecretError),
+}
+
+/// A figment error without the lines of the file a TOML parse error quotes (`2 | url = "…`):
+/// a line that does not parse may hold an inline password. The line and column stay.
+fn without_source_lines(e: &figment::Error) -> String {
+    let text = e.to_string();
+    let quoted = |l: &str| {
+        let l = l.trim_start();
+        l.starts_with('|')
+            || l.split_once(" |")
+                .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+    };
+    text.lines()
+        .filter(|l| !quoted(l))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -460,6 +476,11 @@ fn validate_url(key: &'static str, url: &Url, schemes: &[&str]) -> Result<(), Co
     // directory such as `postgres:///weather?host=/run/postgresql` (peer authentication).
     let host_param = url.scheme().starts_with("postgres")
         && url.query_pairs().any(|(k, v)| k == "host" && !v.is_empty());
+    if url.fragment().is_some() {
+        // libpq and tokio-postgres read `#` as part of a value (`password=ab#cd`); here it would
+        // start a fragment, and be neither redacted nor passed on as written.
+        return Err(invalid(key, "the URL has a `#`: percent-encode it as %23"));
+    }
     if url.host_str().is_none_or(str::is_empty) && !host_param {
         return Err(invalid(key, "the URL names no host"));
     }
@@ -722,17 +743,12 @@ impl PostgresConfig {
         Ok((url.clone(), password))
     }
 
-    /// The role the consumer logs in as: the URL's user, or its `user` parameter (libpq's). `None`
-    /// when the URL names neither (libpq then takes the operating system user's name).
+    /// The role the consumer logs in as, as tokio-postgres reads the URL (its user, or a `user`
+    /// parameter, which wins). `None` when it names neither (libpq then takes the operating
+    /// system user's name).
     pub fn role(&self) -> Option<String> {
-        let user = percent_encoding::percent_decode_str(self.url.username()).decode_utf8_lossy();
-        if !user.is_empty() {
-            return Some(user.into_owned());
-        }
-        self.url
-            .query_pairs()
-            .find(|(k, v)| k == "user" && !v.is_empty())
-            .map(|(_, v)| v.into_owned())
+        let pg: tokio_postgres::Config = self.url.as_str().parse().ok()?;
+        pg.get_user().map(str::to_owned)
     }
 }
 
@@ -878,8 +894,40 @@ mod tests {
             assert!(!text.contains("topsecret"), "{text}");
             assert!(text.contains("postgres.url"), "{text}");
             assert!(text.contains("not a valid URL"), "{text}");
+            // A line that is not TOML at all is not quoted either, only placed.
+            jail.create_file(
+                "d.toml",
+                "[postgres]\nurl = \"postgres://u:topsecret@h/db\n",
+            )?;
+            let text = load::<ConsumerConfig>(Some(Path::new("d.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(!text.contains("topsecret"), "{text}");
+            assert!(text.contains("line 2"), "{text}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_fragment_in_a_url_is_refused_not_half_redacted() {
+        let mut c = ConsumerConfig::default();
+        c.postgres.url = Url::parse("postgres://u@h/db?password=ab#cd").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("postgres.url") && e.contains("%23"), "{e}");
+    }
+
+    #[test]
+    fn the_role_is_the_one_tokio_postgres_logs_in_as() {
+        let mut c = PostgresConfig::default();
+        for (url, role) in [
+            ("postgres://a@h/db", Some("a")),
+            ("postgres://a@h/db?user=b", Some("b")),
+            ("postgres:///db?host=/run/postgresql&user=w+x", Some("w+x")),
+            ("postgres://h/db", None),
+        ] {
+            c.url = Url::parse(url).unwrap();
+            assert_eq!(c.role().as_deref(), role, "{url}");
+        }
     }
 
     #[test]

@@ -144,6 +144,10 @@ pub enum DbError {
     /// dead-lettered.
     #[error("PostgreSQL refuses every reading, even one it accepted before: {0}")]
     Systematic(#[source] Box<DbError>),
+    /// `consumer migrate` granted the consumer's role what it needs, but it holds more, which
+    /// a grant cannot take back: CREATE in the schema, or objects of its own there.
+    #[error("{0}")]
+    Unsafe(String),
     /// `postgres.migrate = false`, and migrations are missing: `consumer migrate` has not run.
     #[error("schema `{schema}` lacks migrations {missing:?}; run `consumer migrate` (postgres.migrate = false)")]
     NotMigrated {
@@ -166,6 +170,7 @@ impl DbError {
             DbError::Config(_)
             | DbError::Timeout(..)
             | DbError::Systematic(_)
+            | DbError::Unsafe(_)
             | DbError::NotMigrated { .. } => false,
         }
     }
@@ -177,6 +182,7 @@ impl DbError {
             DbError::Timeout(..) => "timeout",
             DbError::Systematic(_) => "refused_all",
             DbError::NotMigrated { .. } => "migration_pending",
+            DbError::Unsafe(_) => "unsafe_privileges",
             DbError::Postgres { context, source } => match source.code() {
                 Some(c) if is_data_state(c) => "data_rejected",
                 Some(c) if c.code().starts_with("08") => "connection",
@@ -593,6 +599,7 @@ pub async fn migrate_as_owner(
                 message = "Granted the consumer's role what it needs.",
                 role, schema
             );
+            check_least_privilege(&client, role, schema).await?;
         }
         Ok(Migrated {
             schema: schema.to_owned(),
@@ -603,6 +610,45 @@ pub async fn migrate_as_owner(
         Ok(result) => result,
         Err(_) => Err(DbError::Timeout("migrate", limit)),
     }
+}
+
+/// After the grants: the consumer's role must hold nothing more, which no grant can take back.
+/// CREATE in the schema (PUBLIC has it on `public` in databases from before PostgreSQL 15) would
+/// let it plant objects that the owner's SECURITY DEFINER function or other roles resolve; owning
+/// objects there (left from a one-role setup) gives it every right on them. An owner that is a
+/// superuser only warns: the function then runs as a superuser.
+async fn check_least_privilege(client: &Client, role: &str, schema: &str) -> Result<(), DbError> {
+    let row = client
+        .query_one(
+            "SELECT has_schema_privilege($1, $2, 'CREATE'),
+                    (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = $2 AND c.relowner = to_regrole(quote_ident($1)))
+                  + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                      WHERE n.nspname = $2 AND p.proowner = to_regrole(quote_ident($1))),
+                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[&role, &schema],
+        )
+        .await
+        .map_err(DbError::pg("check the consumer's privileges"))?;
+    let (create, owned, superuser): (bool, i64, bool) = (row.get(0), row.get(1), row.get(2));
+    if superuser {
+        warn!(message = "The owner role is a superuser: weather_logs_conflicts (SECURITY DEFINER) runs as one. Use an ordinary role that owns the schema.", schema);
+    }
+    if create {
+        let public = match schema {
+            "public" => " (PUBLIC has CREATE on `public` in databases from before PostgreSQL 15: REVOKE CREATE ON SCHEMA public FROM PUBLIC)",
+            _ => "",
+        };
+        return Err(DbError::Unsafe(format!(
+            "the consumer's role `{role}` may CREATE in schema `{schema}`{public}; revoke it, then run `consumer migrate` again"
+        )));
+    }
+    if owned > 0 {
+        return Err(DbError::Unsafe(format!(
+            "the consumer's role `{role}` owns {owned} objects in schema `{schema}` (a one-role setup?): REASSIGN OWNED BY or ALTER … OWNER TO the owner role, then run `consumer migrate` again"
+        )));
+    }
+    Ok(())
 }
 
 /// With `postgres.migrate = false`: every migration must be recorded, or the consumer waits.

@@ -270,13 +270,28 @@ fn string<'f>(field: &'static str, v: &'f Field) -> Result<&'f str, Rejection> {
     }
 }
 
-/// Whether `c` may be in a station id: a letter or digit of any script, or printable ASCII
-/// (space and punctuation). Nothing invisible, no control, no direction override, no line or
-/// paragraph separator, no combining mark, no symbol: two ids that print alike are then alike
-/// byte for byte, except for letters of different scripts that look alike (Latin `a`, Cyrillic
-/// `а`), which no rule short of ASCII-only can tell apart.
+/// Whether `c` may be in a station id: a letter (Unicode categories L*) or decimal digit (Nd) of
+/// any script, or printable ASCII (space and punctuation). Nothing invisible (the Hangul fillers
+/// are letters that print as nothing), no control, no direction override, no line or paragraph
+/// separator, no combining mark, no symbol. With [`station_id`]'s NFKC check, two ids that print
+/// alike are equal byte for byte, except for letters of different scripts that look alike
+/// (Latin `a`, Cyrillic `а`), which no rule short of ASCII-only can tell apart.
 pub fn station_id_char(c: char) -> bool {
-    c.is_alphanumeric() || (' '..='~').contains(&c)
+    use unicode_general_category::{get_general_category, GeneralCategory as G};
+    if (' '..='~').contains(&c) {
+        return true;
+    }
+    let invisible_letter = matches!(c, '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}');
+    let letter_or_digit = matches!(
+        get_general_category(c),
+        G::UppercaseLetter
+            | G::LowercaseLetter
+            | G::TitlecaseLetter
+            | G::ModifierLetter
+            | G::OtherLetter
+            | G::DecimalNumber
+    );
+    letter_or_digit && !invisible_letter
 }
 
 fn station_id(v: &Option<Field>) -> Result<String, Rejection> {
@@ -297,6 +312,13 @@ fn station_id(v: &Option<Field>) -> Result<String, Rejection> {
     if s.trim() != s {
         return Err(invalid(
             "field `station_id` must not begin or end with a space".into(),
+        ));
+    }
+    // Compatibility forms (fullwidth `Ｓ`, the Kelvin sign, `Ⅰ`) print like the letters they
+    // stand for: only the normalised form (NFKC) is accepted.
+    if !unicode_normalization::is_nfkc(s) {
+        return Err(invalid(
+            "field `station_id` must be in Unicode normal form NFKC (no fullwidth or compatibility characters)".into(),
         ));
     }
     Ok(s.to_owned())
@@ -609,7 +631,8 @@ mod tests {
         // spaces that are not U+0020, and padding.
         for c in [
             "\\u200b", "\\u200d", "\\u202e", "\\u2066", "\\u2028", "\\u2029", "\\ufeff", "\\u0301",
-            "\\u00a0", "\\u3000", "\\u00ad", "🌧", "\\ue000",
+            "\\u00a0", "\\u3000", "\\u00ad", "🌧", "\\ue000", "\\u3164", "\\u115f", "\\u0345",
+            "\\u0e31", "\\u212a", "\\uff33", "\\u2160", "\\u061c", "\\u180e",
         ] {
             bad(
                 body(&format!("\"S-1{c}\""), "1", "1", "1000", at),

@@ -76,11 +76,15 @@ pub fn load(
         }
         (None, _) => return Ok(None),
     };
-    let text = std::fs::read_to_string(&path).map_err(|source| SecretError {
-        key,
-        path: path.clone(),
-        source,
-    })?;
+    // Zeroed when dropped, like the secret made from it.
+    let text =
+        zeroize::Zeroizing::new(
+            std::fs::read_to_string(&path).map_err(|source| SecretError {
+                key,
+                path: path.clone(),
+                source,
+            })?,
+        );
     let text = text.strip_suffix('\n').unwrap_or(&text);
     let text = text.strip_suffix('\r').unwrap_or(text);
     Ok(Some((Secret::new(text), source)))

@@ -106,14 +106,28 @@ fn escaped_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
     .delimited(" ")
 }
 
-/// Characters that do not print as themselves: controls (newline, ESC), and the invisible or
-/// direction-changing format characters (zero-width spaces and joiners, bidi embeddings,
-/// overrides and isolates, line and paragraph separators, BOM).
+/// Characters that do not print as themselves, by Unicode category: controls (Cc: newline, ESC,
+/// C1), format characters (Cf: zero-width, bidi marks, overrides and isolates, tags, soft hyphen),
+/// private use, surrogates and unassigned (Co, Cs, Cn), line and paragraph separators (Zl, Zp),
+/// spaces other than U+0020 (Zs), variation selectors and other invisible marks, and the Hangul
+/// fillers (letters that print as nothing).
 pub fn is_unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(c,
-            '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}'
-            | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+    use unicode_general_category::{get_general_category, GeneralCategory as G};
+    match get_general_category(c) {
+        G::Control
+        | G::Format
+        | G::PrivateUse
+        | G::Surrogate
+        | G::Unassigned
+        | G::LineSeparator
+        | G::ParagraphSeparator => true,
+        G::SpaceSeparator => c != ' ',
+        _ => matches!(
+            c,
+            '\u{034F}' | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{180B}'..='\u{180F}'
+                | '\u{FE00}'..='\u{FE0F}' | '\u{E0100}'..='\u{E01EF}'
+        ),
+    }
 }
 
 fn escape_unprintable(s: &str) -> std::borrow::Cow<'_, str> {
@@ -195,7 +209,7 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .fmt_fields(escaped_fields());
-        let sender = "x\n2026-01-01T00:00:00Z ERROR forged\u{1b}[31m\u{202e}dier\u{2028}\u{200b}";
+        let sender = "x\n2026-01-01T00:00:00Z ERROR forged\u{1b}[31m\u{202e}dier\u{2028}\u{200b}\u{61c}\u{e0041}\u{3164}\u{85}";
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
             tracing::warn!(message = "Rejected.", detail = %sender, station = sender, n = 3);
         });
@@ -205,7 +219,9 @@ mod tests {
         assert!(out.contains(" Rejected. detail=x\\u{a}2026"), "{out}");
         assert!(out.contains(" station=\"x\\n2026"), "{out}");
         assert!(
-            out.contains("\\u{1b}[31m\\u{202e}dier\\u{2028}\\u{200b}"),
+            out.contains(
+                "\\u{1b}[31m\\u{202e}dier\\u{2028}\\u{200b}\\u{61c}\\u{e0041}\\u{3164}\\u{85}"
+            ),
             "{out}"
         );
         assert!(out.contains(" n=3"), "{out}");

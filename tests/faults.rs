@@ -421,10 +421,11 @@ async fn a_dead_letter_exchange_of_the_wrong_type_holds_the_message_visibly() {
 }
 
 /// What cannot be replayed stays in place and is said: a dead letter whose body was cut
-/// (`too_large`), and one whose exchange is gone (the broker closes the channel: the replay goes
-/// on, on another). The run is reported incomplete; the good one is replayed all the same.
+/// (`too_large`), and those the broker returns (unroutable). The run is reported incomplete. And
+/// every letter goes to our exchange, whatever exchange its headers name.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_replay_leaves_cut_and_unroutable_dead_letters_in_place_and_says_so() {
+async fn a_replay_leaves_cut_and_unroutable_dead_letters_in_place_and_sends_the_rest_to_our_exchange_only(
+) {
     use sistema_mensajes::consumer::replay;
     let names = Names::new("replay-partial");
     names.create_schema().await;
@@ -452,30 +453,41 @@ async fn a_replay_leaves_cut_and_unroutable_dead_letters_in_place_and_says_so() 
         h.insert("x-original-routing-key".into(), text(&names.routing_key));
         props().with_headers(h)
     };
-    let id = uuid::Uuid::now_v7();
-    let gone = format!("{}-gone", names.exchange);
+    let (id, forged) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let elsewhere = format!("{}-elsewhere", names.exchange);
     client
         .publish_all(
             "",
             &names.dead_letter_queue,
             &[
-                (reading_with_id(uuid::Uuid::now_v7()), dead_letter(&gone)),
+                (reading_with_id(forged), dead_letter(&elsewhere)),
                 (reading_with_id(id), dead_letter(&names.exchange)),
             ],
         )
         .await;
+    // Unroutable (the queue unbound): the broker returns both, the run says so.
+    names.unbind(&client.channel).await;
     let done = replay::run(&cfg.amqp, None).await.unwrap();
     assert_eq!(
         (done.replayed, done.truncated, done.failed, done.unexamined),
-        (1, 1, 1, 0),
+        (0, 1, 2, 0),
         "{done}"
     );
     assert!(!done.complete());
-    names.assert_stored_exactly(vec![id], LIMIT).await;
-    wait_until(LIMIT, "the two left in place", || async {
-        client.ready(&names.dead_letter_queue).await == 2
+    wait_until(LIMIT, "the three left in place", || async {
+        client.ready(&names.dead_letter_queue).await == 3
     })
     .await;
+    // Bound again: both go to our exchange, the one whose headers name another exchange too
+    // (whoever writes dead letters writes their headers).
+    names.bind(&client.channel).await;
+    let done = replay::run(&cfg.amqp, None).await.unwrap();
+    assert_eq!(
+        (done.replayed, done.truncated, done.failed),
+        (2, 1, 0),
+        "{done}"
+    );
+    names.assert_stored_exactly(vec![id, forged], LIMIT).await;
     stop_consumer(running).await;
 }
 

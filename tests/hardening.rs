@@ -9,8 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use sistema_mensajes::producer::{self, Mode};
 use tokio_util::sync::CancellationToken;
 
@@ -290,16 +289,7 @@ async fn an_unbound_queue_pauses_the_producer_with_bounded_memory_until_it_is_bo
     })
     .await;
     // The producer declares the binding when it connects: remove it only now.
-    client
-        .channel
-        .queue_unbind(
-            names.queue.as_str().into(),
-            names.exchange.as_str().into(),
-            names.routing_key.as_str().into(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    names.unbind(&client.channel).await;
     let peak = std::sync::atomic::AtomicI64::new(0);
     wait_until(
         LIMIT,
@@ -324,17 +314,7 @@ async fn an_unbound_queue_pauses_the_producer_with_bounded_memory_until_it_is_bo
         "{status}"
     );
 
-    client
-        .channel
-        .queue_bind(
-            names.queue.as_str().into(),
-            names.exchange.as_str().into(),
-            names.routing_key.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    names.bind(&client.channel).await;
     wait_until(LIMIT, "readings confirmed again", || async {
         deps.metrics.confirmed.get() > 1_000 && deps.health.problem().is_none()
     })

@@ -186,4 +186,30 @@ async fn the_consumers_role_may_only_insert_and_migrations_run_apart() {
         );
     }
     names.wait_rows(3, Duration::from_secs(5)).await;
+
+    // What a grant cannot take back makes `consumer migrate` fail, naming it: CREATE in the schema
+    // (as PUBLIC has on `public` in databases from before PostgreSQL 15), or objects of its own.
+    let s = &names.schema;
+    for (break_it, mend, says) in [
+        (
+            format!("GRANT CREATE ON SCHEMA {s} TO \"{writer}\""),
+            format!("REVOKE CREATE ON SCHEMA {s} FROM \"{writer}\""),
+            "may CREATE in schema",
+        ),
+        (
+            format!(
+                "CREATE TABLE {s}.planted (i int); ALTER TABLE {s}.planted OWNER TO \"{writer}\""
+            ),
+            format!("DROP TABLE {s}.planted"),
+            "owns 1 objects",
+        ),
+    ] {
+        admin.batch_execute(&break_it).await.unwrap();
+        let out = migrate(&names, &url_as(&writer), url_as(&owner).as_str());
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains(says), "{}", text(&out));
+        admin.batch_execute(&mend).await.unwrap();
+        let out = migrate(&names, &url_as(&writer), url_as(&owner).as_str());
+        assert!(out.status.success(), "{}", text(&out));
+    }
 }

@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Move the messages of the dead-letter queue back to the exchange they came from, once their
+    /// Move the messages of the dead-letter queue back to amqp.exchange (amqp.routing_key), once their
     /// cause is mended; each with a confirm, then acknowledged. Prints how many, then exits.
     ReplayDeadLetters {
         /// Only those rejected for this reason (`x-rejection-reason`, e.g. database_rejected).

@@ -1,7 +1,8 @@
 //! Replaying dead letters: once the cause is mended (a constraint dropped, a producer fixed),
 //! `consumer replay-dead-letters [--reason R]` moves the messages of the dead-letter queue back to
-//! the exchange they came from, with their original routing key and properties, less our
-//! `x-rejection-*` and `x-original-*` headers.
+//! our exchange with our routing key (`amqp.exchange`, `amqp.routing_key`), never where their
+//! `x-original-*` headers point (whoever may dead-letter writes those), with their properties,
+//! less our `x-rejection-*` and `x-original-*` headers.
 //!
 //! Each one is republished with publisher confirms, `mandatory`, and only a positive, routed
 //! confirm acknowledges it in the dead-letter queue. A crash between the two leaves it in both
@@ -151,10 +152,9 @@ async fn replay(
             done.truncated += 1;
             continue;
         }
-        let exchange =
-            amqp::header_str(props, "x-original-exchange").unwrap_or(cfg.exchange.as_str());
-        let key =
-            amqp::header_str(props, "x-original-routing-key").unwrap_or(cfg.routing_key.as_str());
+        // Always to our exchange and key, never where the letter's headers point: anyone who
+        // may write to the dead-letter exchange (the consumer's user) writes those headers.
+        let (exchange, key) = (cfg.exchange.as_str(), cfg.routing_key.as_str());
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()

@@ -220,11 +220,28 @@ impl Names {
         )
         .await
         .unwrap();
+        self.bind(ch).await;
+    }
+
+    /// Binds the queue to the exchange with the routing key.
+    pub async fn bind(&self, ch: &Channel) {
         ch.queue_bind(
             self.queue.as_str().into(),
             self.exchange.as_str().into(),
             self.routing_key.as_str().into(),
             Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Removes that binding: readings published are then unroutable.
+    pub async fn unbind(&self, ch: &Channel) {
+        ch.queue_unbind(
+            self.queue.as_str().into(),
+            self.exchange.as_str().into(),
+            self.routing_key.as_str().into(),
             FieldTable::default(),
         )
         .await
