@@ -34,6 +34,29 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a connection lives, however busy (Prometheus reconnects transparently).
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
+/// Scrapes closer together than this get the same rendering: a flood of requests then costs
+/// their I/O, not a rendering (and a read of `/proc`) each. Prometheus scrapes every few seconds.
+pub const MIN_RENDER_INTERVAL: Duration = Duration::from_millis(250);
+
+/// `render`, called at most once per [`MIN_RENDER_INTERVAL`]: the text it gave last, if younger.
+fn cached(render: Render) -> Render {
+    let last: std::sync::Mutex<Option<(std::time::Instant, String)>> = Default::default();
+    Arc::new(move || {
+        // Poisoned only if `render` panicked, which aborts the process (panic = "abort").
+        let mut last = last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, text)) = &*last {
+            if at.elapsed() < MIN_RENDER_INTERVAL {
+                return text.clone();
+            }
+        }
+        let text = render();
+        *last = Some((std::time::Instant::now(), text.clone()));
+        text
+    })
+}
+
 fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, render()),
@@ -51,6 +74,7 @@ fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
 
 /// Serves until `token` is cancelled, then lets open requests finish (at most 2 s).
 pub async fn serve(listener: TcpListener, render: Render, token: CancellationToken) {
+    let render = cached(render);
     let graceful = GracefulShutdown::new();
     let mut accept_backoff = Duration::from_millis(10);
     // Oldest first; a connection's token is cancelled when it ends, or to evict it.
