@@ -70,12 +70,20 @@ let
     let
       p = urlParts url;
     in
-    if p == null then
-      null
+    # The daemons' URL parser strips whitespace and controls, and decodes query keys: anything this
+    # check would read otherwise than they do is refused, not guessed at.
+    if builtins.match "(.*[[:space:][:cntrl:]].*)" url != null then
+      "whitespace or a control character (the daemon would strip it, and read what this check cannot)"
+    else if p == null then
+      "no `scheme://` form (a key=value string may hold `password=`)"
     else if p.userinfo != null && lib.hasInfix ":" p.userinfo then
       "a password after the user name (`user:password@host`)"
-    else if lib.any (kv: kv.key == "password") p.query then
+    else if lib.any (kv: lib.hasInfix "%" kv.key) p.query then
+      "a percent-encoded query key (it may spell `password`)"
+    else if lib.any (kv: lib.hasInfix "password" kv.key) p.query then
       "a `password=` query parameter"
+    else if lib.hasInfix "#" url then
+      "a `#` (percent-encode it as %23)"
     else
       null;
 

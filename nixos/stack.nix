@@ -96,8 +96,9 @@ let
     ];
     SystemCallErrorNumber = "EPERM";
     UMask = "0077";
-    # Exit 75 (EX_TEMPFAIL): the server could not be reached, try again; the start job (and the
-    # daemon ordered after it) waits meanwhile. 1 (a failed migration or declaration) and 78
+    # Exit 75 (EX_TEMPFAIL): the server could not be reached, try again. The daemons only Want=
+    # these units and wait for what they do by themselves (passive declares, the migrations
+    # check), so a failed attempt fails no daemon. 1 (a failed migration or declaration) and 78
     # (EX_CONFIG) are not retried.
     Restart = "on-failure";
     RestartSec = "5s";
@@ -637,9 +638,12 @@ in
         # The migrate unit applies them; the writer only checks.
         migrate = mkDefault false;
       };
-      # A consumer on this host starts once the migrations are applied.
+      # A consumer on this host starts after the migrations. Wants=, not Requires=: on systemd 254
+      # and later a oneshot that exits 75 passes through a failed state before it restarts
+      # (RestartMode=normal), which would fail a Requires= dependent for good; the consumer
+      # (postgres.migrate = false) waits for the migrations by itself instead.
       systemd.services.consumer = lib.mkIf top.consumer.enable {
-        requires = [ migrateUnit ];
+        wants = [ migrateUnit ];
         after = [ migrateUnit ];
       };
     })

@@ -38,6 +38,27 @@ const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 /// their I/O, not a rendering (and a read of `/proc`) each. Prometheus scrapes every few seconds.
 pub const MIN_RENDER_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Requests answered per second at most, over all connections: a flood of requests (keep-alive,
+/// back to back) then costs the metrics thread a bounded amount of CPU, which on a small machine
+/// is the pipeline's. Requests beyond wait their turn (at most [`MAX_CONNECTIONS`] wait, so a real
+/// scrape waits under a second).
+pub const MAX_REQUESTS_PER_SECOND: u32 = 20;
+
+/// Reserves the next free slot of the [`MAX_REQUESTS_PER_SECOND`] pace and waits for it.
+async fn wait_turn(next: &std::sync::Mutex<tokio::time::Instant>) {
+    let interval = Duration::from_secs(1) / MAX_REQUESTS_PER_SECOND;
+    let at = {
+        // Poisoned only by a panic, which aborts the process (panic = "abort").
+        let mut next = next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = (*next).max(tokio::time::Instant::now());
+        *next = at + interval;
+        at
+    };
+    tokio::time::sleep_until(at).await;
+}
+
 /// `render`, called at most once per [`MIN_RENDER_INTERVAL`]: the text it gave last, if younger.
 fn cached(render: Render) -> Render {
     let last: std::sync::Mutex<Option<(std::time::Instant, String)>> = Default::default();
@@ -75,6 +96,7 @@ fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
 /// Serves until `token` is cancelled, then lets open requests finish (at most 2 s).
 pub async fn serve(listener: TcpListener, render: Render, token: CancellationToken) {
     let render = cached(render);
+    let pace = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
     let graceful = GracefulShutdown::new();
     let mut accept_backoff = Duration::from_millis(10);
     // Oldest first; a connection's token is cancelled when it ends, or to evict it.
@@ -105,10 +127,13 @@ pub async fn serve(listener: TcpListener, render: Render, token: CancellationTok
         }
         let done = CancellationToken::new();
         open.push_back(done.clone());
-        let render = render.clone();
+        let (render, pace) = (render.clone(), pace.clone());
         let service = service_fn(move |req| {
-            let resp = respond(&req, &render);
-            async move { Ok::<_, Infallible>(resp) }
+            let (render, pace) = (render.clone(), pace.clone());
+            async move {
+                wait_turn(&pace).await;
+                Ok::<_, Infallible>(respond(&req, &render))
+            }
         });
         let conn = http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
