@@ -15,11 +15,18 @@
 
       # The modules, with the package defaulting to this flake's own build (no overlay needed,
       # which also keeps `nixpkgs.*` untouched for runNixOSTest's read-only pkgs).
-      withPackage =
-        module:
+      withPackage = module: {
+        imports = [
+          module
+          packageDefault
+        ];
+      };
+      # One module, with a key, so that importing several of the outputs (producer with consumer,
+      # default with stack) sets the default once instead of twice at the same priority.
+      packageDefault =
         { pkgs, ... }:
         {
-          imports = [ module ];
+          key = "sistema-mensajes-flake-package-default";
           services.sistema-mensajes.package =
             lib.mkDefault
               self.packages.${pkgs.stdenv.hostPlatform.system}.default;

@@ -1,6 +1,7 @@
-# MODULE for eval.sh: the flake's own nixosModules.default (which defaults the package to the
-# flake's), with nixpkgs replaced by nixpkgs' lib and the evaluator's stand-in pkgs.
-# NIXEVAL_SHARED: the shared/ folder (.ci/check-nix sets it).
+# MODULE for eval.sh: the flake's own nixosModules (which default the package to the flake's),
+# with nixpkgs replaced by nixpkgs' lib and the evaluator's stand-in pkgs.
+# NIXEVAL_SHARED: the shared/ folder (.ci/check-nix sets it). NIXEVAL_FLAKE_MODULES: which outputs,
+# comma-separated (default: default), imported together as a user would.
 let
   shared = builtins.getEnv "NIXEVAL_SHARED";
   lib = import (/. + "${shared}/third_party/nixpkgs-lib/lib");
@@ -13,5 +14,10 @@ let
       legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ] (_: pkgs);
     };
   };
+  names = builtins.getEnv "NIXEVAL_FLAKE_MODULES";
 in
-self.nixosModules.default
+{
+  imports = map (n: self.nixosModules.${n}) (
+    lib.splitString "," (if names == "" then "default" else names)
+  );
+}

@@ -116,7 +116,7 @@ in
             " == [\"consumer=up\", \"producer=up\", \"prometheus=up\", \"rabbitmq=up\"]'",
             timeout=180,
         )
-        for query in ["messages_processed_total", "messages_confirmed_total", 'rabbitmq_queue_messages_ready{queue="weather_queue"}']:
+        for query in ["messages_processed_total", "messages_confirmed_total", 'rabbitmq_detailed_queue_messages_ready{queue="weather_queue"}']:
             machine.wait_until_succeeds(
                 f"curl -sf http://127.0.0.1:9090/api/v1/query --data-urlencode 'query={query}' | jq -e '.data.result | length > 0'",
                 timeout=120,
