@@ -22,7 +22,7 @@ import ./daemon.nix {
     {
       postgres = {
         url = url "postgres://postgres@127.0.0.1:5432/postgres" "Database URL without the password (one in it fails evaluation: this file is in the world-readable store); `postgres:///weather?host=/run/postgresql&user=weather` for the Unix socket. Its user is the consumer's role.";
-        password_file = secret "File with the database password, read by the daemon itself (so readable by its user); the credential `postgres-password` is usually better.";
+        password_file = secret "File with the database password. Handed to the daemon as the credential `postgres-password` (`LoadCredential=`, so it may be readable by root only), preferred to `credentials.postgres-password`.";
         schema = str "public" "Schema of `weather_logs`, created if missing.";
         migrate = bool true ''
           Whether the consumer applies pending migrations at start, as its own role (which must then
@@ -30,7 +30,7 @@ import ./daemon.nix {
           (`consumer migrate` applies them as the owner). The stack sets it to false.
         '';
         owner_url = optionalUrl "URL (without the password) of the role `consumer migrate` connects as, which owns the schema and grants the consumer's role what it needs. Null: `postgres.url`.";
-        owner_password_file = secret "File with the owner's password for `consumer migrate`. Null: the credential `postgres-owner-password`, if any.";
+        owner_password_file = secret "File with the owner's password for `consumer migrate`. Handed over as the credential `postgres-owner-password` (`LoadCredential=`, so it may be readable by root only).";
       };
     };
 }

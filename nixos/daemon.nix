@@ -34,7 +34,7 @@ let
   cfg = top.${daemon};
   toml = pkgs.formats.toml { };
   listen = h.hostPort cfg.metrics.listenAddress cfg.metrics.port;
-  configFile = toml.generate "${daemon}.toml" cfg.settings;
+  configFile = toml.generate "${daemon}.toml" cfg.fileSettings;
   str =
     default: text:
     mkOption {
@@ -66,7 +66,46 @@ let
       inherit default;
       description = text;
     };
-  credentialFiles = lib.filterAttrs (_: file: file != null) cfg.credentials;
+  # The `*password_file` settings the daemons know, each with the credential the daemon reads when
+  # the setting is absent (src/config.rs). A file given there does not reach the daemon as a path,
+  # which its own user would have to be able to read: it is handed over as that credential
+  # (LoadCredential=: PID 1 reads it, so it may be readable by root only) and left out of the TOML.
+  # Given both ways, the setting wins, as it would in the daemon.
+  passwordSettings = lib.filter (p: lib.attrByPath p.path null cfg.settings != null) [
+    {
+      path = [
+        "amqp"
+        "password_file"
+      ];
+      credential = "amqp-password";
+    }
+    {
+      path = [
+        "postgres"
+        "password_file"
+      ];
+      credential = "postgres-password";
+    }
+    {
+      path = [
+        "postgres"
+        "owner_password_file"
+      ];
+      credential = "postgres-owner-password";
+    }
+  ];
+  fileSettings = lib.foldl' (
+    s: p:
+    let
+      section = lib.head p.path;
+    in
+    s // { ${section} = removeAttrs s.${section} (lib.tail p.path); }
+  ) cfg.settings passwordSettings;
+  credentialFiles =
+    lib.filterAttrs (_: file: file != null) cfg.credentials
+    // lib.listToAttrs (
+      map (p: lib.nameValuePair p.credential (lib.getAttrFromPath p.path cfg.settings)) passwordSettings
+    );
 
   # The service's IP access list: the hosts of the URLs it connects to, when every one is an IP
   # address, `localhost` or a Unix socket. A DNS name (the usual case across hosts) could only be
@@ -125,7 +164,7 @@ in
         options = {
           amqp = {
             url = url "amqp://guest@127.0.0.1:5672/%2f" "Broker URI without the password (one in it fails evaluation: this file is in the world-readable store).";
-            password_file = secret "File with the broker password, read by the daemon itself (so readable by its user); the credential `amqp-password` is usually better.";
+            password_file = secret "File with the broker password. Handed to the daemon as the credential `amqp-password` (`LoadCredential=`, so it may be readable by root only) instead of as a path, and then preferred to `credentials.amqp-password`.";
             declare = bool true ''
               Whether the daemon declares the exchanges and queues it uses (which needs the broker's
               configure permission on them). False: it only checks, passively, that they exist (no
@@ -189,6 +228,14 @@ in
       };
     };
 
+    fileSettings = mkOption {
+      type = toml.type;
+      default = fileSettings;
+      readOnly = true;
+      internal = true;
+      description = "The settings written to `${daemon}.toml` (generated): `settings`, less the `*password_file` keys, which become credentials.";
+    };
+
     credentials = lib.mapAttrs (
       id: text:
       h.secretFile ''
@@ -232,7 +279,10 @@ in
 
     systemd.services.${daemon} = {
       wantedBy = [ "multi-user.target" ];
-      # NixOS's unit names (the package's After= names Debian's, which do not exist here).
+      # NixOS's unit names. The package's After= names rabbitmq-server.service (Debian's; NixOS's
+      # is rabbitmq.service) and postgresql.service, which NixOS has, but which is up before
+      # postgresql-setup.service has created the database and roles: postgresql.target covers
+      # both (nixos/modules/services/databases/postgresql.nix).
       wants =
         lib.optional config.services.rabbitmq.enable "rabbitmq.service"
         ++ lib.optional (daemon == "consumer" && config.services.postgresql.enable) "postgresql.target";

@@ -116,8 +116,10 @@ rec {
   # A secret file's path: a string naming a file outside the Nix store. The store is readable by
   # every user of the host (and of any host the closure is copied to), so a secret must never be
   # a Nix path (`./amqp.pw`, copied there when used) or a store path (`"${./amqp.pw}"`,
-  # `pkgs.writeText`). systemd reads the file at start (LoadCredential=), so it may be
-  # readable by root only.
+  # `pkgs.writeText`). Every option of this type reaches its unit through LoadCredential=: PID 1
+  # reads the file at start, as root, and the service reads its copy in $CREDENTIALS_DIRECTORY, so
+  # the file may be readable by root only (sops-nix, agenix). No unit, whatever user it runs as,
+  # reads the path itself: keep it so for every new option of this type.
   secretPath = strictType {
     name = "secretPath";
     description = "absolute path of a secret file outside the Nix store (a string, never a Nix path)";

@@ -121,6 +121,25 @@ let
       rmq.users.${r}.passwordFile
     else
       "/var/lib/sistema-mensajes-rabbitmq/${r}.password";
+  # The provisioning unit runs as rabbitmq, which cannot read a root-only secret (sops-nix, agenix):
+  # a password given as a file reaches it as a credential (LoadCredential=: PID 1 reads the file);
+  # a generated one stays in the unit's state directory, which rabbitmq owns.
+  givenPassword = r: rmq.users.${r}.passwordFile != null;
+  provisionCredential = r: "${r}-password";
+  # ROLE:USER:PASSWORD_FILE for nixos/rabbitmq-provision.sh, quoted for ExecStart=. A given password
+  # is the credential's copy, `%d/<id>`: `%d` is the unit's credentials directory, the value of
+  # $CREDENTIALS_DIRECTORY (systemd.unit(5), "Specifiers"). utils.escapeSystemdExecArg
+  # (nixos/lib/utils.nix: JSON-quoted, `%` and `$` doubled) would make it a literal `%%d`, so it is
+  # appended after the rest is quoted.
+  provisionSpec =
+    r:
+    let
+      prefix = "${r}:${rmq.users.${r}.name}:";
+    in
+    if givenPassword r then
+      lib.removeSuffix "\"" (utils.escapeSystemdExecArg prefix) + "%d/${provisionCredential r}\""
+    else
+      utils.escapeSystemdExecArg (prefix + passwordFile r);
   provisionUnit = "sistema-mensajes-rabbitmq-provision.service";
   topologyUnit = "sistema-mensajes-rabbitmq-topology.service";
   # Where this host reaches its own broker.
@@ -281,13 +300,15 @@ in
             ''
               File with the topology user's broker password. Null: a random one is generated at first
               boot in /var/lib/sistema-mensajes-rabbitmq/topology.password (a directory only the
-              rabbitmq user and root can read).
+              rabbitmq user and root can read). The units get it as a credential (`LoadCredential=`),
+              so it may be readable by root only.
             ''
           else
             ''
               File with the ${r}'s broker password (the same file, or a copy, goes to the ${r}'s host as
               `services.sistema-mensajes.${r}.credentials.amqp-password`). Null: a random one is
-              generated at first boot in /var/lib/sistema-mensajes-rabbitmq/${r}.password.
+              generated at first boot in /var/lib/sistema-mensajes-rabbitmq/${r}.password. The units
+              get it as a credential (`LoadCredential=`), so it may be readable by root only.
             ''
         );
       });
@@ -398,8 +419,11 @@ in
         plugins = [ "rabbitmq_prometheus" ];
         configItems = {
           "prometheus.tcp.port" = toString rabbitmqMetricsPort;
-          # Per-queue figures on /metrics itself, alarms included (/metrics/per-object has none).
-          "prometheus.return_per_object_metrics" = "true";
+          # No `prometheus.return_per_object_metrics`: the stack's Prometheus takes the per-queue
+          # figures from /metrics/detailed (the `rabbitmq` job below), which serves them without it,
+          # and a per-object /metrics costs the broker CPU at every scrape of it. The aggregated
+          # /metrics stays cheap and is what broker-level alerting scrapes: the resource alarms
+          # (rabbitmq_alarms_*) and the node's memory, disk space and file descriptors.
           # A reading is a few hundred bytes; RabbitMQ's default allows 128 MiB a message, which a
           # consumer must hold in memory whole before it can even reject it (README, "Memory").
           "max_message_size" = toString (1024 * 1024);
@@ -433,8 +457,8 @@ in
           StateDirectory = "sistema-mensajes-rabbitmq";
           StateDirectoryMode = "0700";
           UMask = "0077";
-          ExecStart = utils.escapeSystemdExecArgs (
-            [
+          ExecStart =
+            utils.escapeSystemdExecArgs [
               "${pkgs.bash}/bin/bash"
               ./rabbitmq-provision.sh
               "--generate"
@@ -448,7 +472,10 @@ in
               "--dead-letter-queue"
               names.dead_letter_queue
             ]
-            ++ map (r: "${r}:${rmq.users.${r}.name}:${passwordFile r}") roles
+            + " "
+            + lib.concatMapStringsSep " " provisionSpec roles;
+          LoadCredential = lib.mkIf (lib.any givenPassword roles) (
+            map (r: "${provisionCredential r}:${rmq.users.${r}.passwordFile}") (lib.filter givenPassword roles)
           );
         };
       };

@@ -2,15 +2,23 @@
 # and .ci/check-nix evaluates each with the offline module evaluator. Each node is a NixOS module.
 let
   # Test secrets: files under /etc/sistema-test/ (environment.etc), since the modules refuse a
-  # secret in the Nix store. Their text still comes from the store here, and they are readable
-  # by everyone: fine in a test VM only. On a real host, point the same options at files that
-  # never pass through the store (/run/secrets/..., written by a secrets manager).
+  # secret in the Nix store. Root's, mode 0400, as sops-nix or agenix leave a secret, so that the
+  # tests fail if a unit reads a secret file as its own user instead of getting it as a credential
+  # (LoadCredential=, which PID 1 reads as root). In a VM test their text is in the store anyway
+  # (`text` is copied from there): fine in a test only. On a real host, point the same options at
+  # files that never pass through the store (/run/secrets/..., written by a secrets manager).
+  # environment.etc.<name>.mode: "If set to something else than `symlink`, the file is copied
+  # instead of symlinked, with the given file mode"; uid and gid default to 0
+  # (nixos/modules/system/etc/etc.nix).
   secret = name: "/etc/sistema-test/${name}";
   secretFiles = names: {
     environment.etc = builtins.listToAttrs (
       map (name: {
         name = "sistema-test/${name}";
-        value.text = texts.${name};
+        value = {
+          text = texts.${name};
+          mode = "0400";
+        };
       }) names
     );
   };

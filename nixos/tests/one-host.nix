@@ -41,9 +41,11 @@ in
     import json
 
     def confirmed():
-        """Readings the producer had confirmed, summed over its runs (its "Stopped." log line)."""
-        out = machine.succeed("journalctl -u producer.service -o json MESSAGE=Stopped. | jq -s 'map(.CONFIRMED | tonumber) | add // 0'")
-        return int(out.strip())
+        """Readings the producer had confirmed in its one run (its "Stopped." log line), once
+        journald has stored that line, which may be after `systemctl stop` returns."""
+        stopped = "journalctl -u producer.service -o json MESSAGE=Stopped."
+        machine.wait_until_succeeds(f"{stopped} | jq -se 'length == 1'", timeout=60)
+        return int(machine.succeed(f"{stopped} | jq -s 'map(.CONFIRMED | tonumber) | add'").strip())
 
     start_all()
 
@@ -145,11 +147,12 @@ in
         machine.wait_for_unit("rabbitmq.service")
         before = int(machine.succeed("${rows}").strip())
         machine.wait_until_succeeds(f"test $(${rows}) -gt {before + 50}", timeout=300)
+        # One run (so one "Stopped." line); asked before the stop, while the unit is surely loaded.
+        machine.succeed("test $(systemctl show -p NRestarts --value producer.service) -eq 0")
         machine.succeed("systemctl stop producer.socket producer.service")
         machine.wait_until_succeeds("test \"$(${rabbitmqctl "list_queues --no-table-headers name messages"} | awk '$1 == \"weather_queue\" { print $2 }')\" = 0", timeout=180)
         sent = confirmed()
         assert sent > 0
         machine.wait_until_succeeds(f"test $(${rows}) -eq {sent}", timeout=120)
-        machine.succeed("test $(systemctl show -p NRestarts --value producer.service) -eq 0")
   '';
 }

@@ -53,8 +53,10 @@ in
         producer.wait_for_unit("producer.service")
         backend.wait_until_succeeds("test $(${rows}) -gt 300", timeout=300)
         for c in [consumer1, consumer2]:
+            # pipefail: a failed curl fails the check, whatever awk makes of a partial answer.
             c.wait_until_succeeds(
-                "curl -sf http://127.0.0.1:9102/metrics | awk '$1 == \"messages_processed_total\" && $2 > 0 { found = 1 } END { exit !found }'",
+                "set -o pipefail; curl -sf http://127.0.0.1:9102/metrics"
+                " | awk '$1 == \"messages_processed_total\" && $2 > 0 { found = 1 } END { exit !found }'",
                 timeout=120,
             )
 
@@ -97,10 +99,17 @@ in
         backend.wait_until_succeeds(f"test $(${rows}) -gt {before + 300}", timeout=300)
 
     with subtest("every reading the producer had confirmed is stored, once"):
-        producer.succeed("systemctl stop producer.socket producer.service")
-        out = producer.succeed("journalctl -u producer.service -o json MESSAGE=Stopped. | jq -s 'map(.CONFIRMED | tonumber) | add'")
-        sent = int(out.strip())
+        # One run, so one "Stopped." line below. Asked before the stop: a stopped unit nothing
+        # wants may be unloaded, and a reloaded one counts 0 restarts.
         producer.succeed("test $(systemctl show -p NRestarts --value producer.service) -eq 0")
+        producer.succeed("systemctl stop producer.socket producer.service")
+        # journald may store the daemon's last line after `systemctl stop` returns: wait for it.
+        stopped = "journalctl -u producer.service -o json MESSAGE=Stopped."
+        producer.wait_until_succeeds(f"{stopped} | jq -se 'length == 1'", timeout=60)
+        sent = int(producer.succeed(f"{stopped} | jq -s 'map(.CONFIRMED | tonumber) | add'").strip())
+        assert sent > 0, sent
+        # The rows equal the readings the producer had confirmed (message_id is the primary key, so
+        # a duplicate cannot be a second row: a count against itself would prove nothing).
         backend.wait_until_succeeds(f"test $(${rows}) -eq {sent}", timeout=300)
         backend.wait_until_succeeds(
             "test \"$(su -s ${pkgs.runtimeShell} rabbitmq -c 'rabbitmqctl list_queues --no-table-headers name messages'"
