@@ -125,6 +125,28 @@ async fn an_ip_literal_broker_address_is_not_replaced_by_localhost() {
     }
 }
 
+/// The same class for PostgreSQL: an IP-literal database address (IPv6 and IPv4) is where the
+/// consumer connects, seen by a listener there.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ip_literal_database_address_is_the_one_connected_to() {
+    let names = Names::new("pg-ip-literal");
+    for (bind, host) in [("[::1]:0", "[::1]"), ("127.0.0.1:0", "127.0.0.1")] {
+        let Ok(listener) = tokio::net::TcpListener::bind(bind).await else {
+            eprintln!("skipping {bind}: this host cannot listen there");
+            continue;
+        };
+        let port = listener.local_addr().unwrap().port();
+        let url = format!("postgres://postgres@{host}:{port}/postgres");
+        let running = start_consumer(names.consumer_config_via(&amqp_url(), &url));
+        let accepted = tokio::time::timeout(LIMIT, listener.accept()).await;
+        assert!(
+            accepted.is_ok_and(|a| a.is_ok()),
+            "{url}: no connection arrived"
+        );
+        stop_consumer(running).await;
+    }
+}
+
 /// A message another client published with 20 KB of headers (more than our 16 KiB frames; the
 /// broker never splits a content header) is stored like any other, the consumer reconnecting
 /// once with larger frames, and does not hold up the 100 behind it; an invalid one with such
