@@ -96,9 +96,21 @@ pub fn resident_memory_bytes() -> Option<u64> {
     Some(statm.resident * procfs::page_size())
 }
 
-/// Buckets of `consumer_end_to_end_latency_seconds`: 1 ms, doubling, up to about 65 s.
+/// Buckets of `consumer_end_to_end_latency_seconds`: 1 ms, doubling, up to about 70 min (a
+/// backlog drained after an outage is minutes late), plus 5 s, the alert's threshold
+/// (`SistemaEndToEndLatencyHigh`), which would otherwise fall between 4.1 s and 8.2 s.
 fn end_to_end_buckets() -> Vec<f64> {
-    prometheus::exponential_buckets(0.001, 2.0, 17).unwrap_or_default()
+    with_bucket(
+        prometheus::exponential_buckets(0.001, 2.0, 23).unwrap_or_default(),
+        5.0,
+    )
+}
+
+/// `buckets` with `extra` added in order.
+fn with_bucket(mut buckets: Vec<f64>, extra: f64) -> Vec<f64> {
+    buckets.push(extra);
+    buckets.sort_by(f64::total_cmp);
+    buckets
 }
 
 /// `sistema_mensajes_ready{phase}`: exactly one series, labelled with the current phase; 1 only
@@ -145,6 +157,7 @@ pub struct ConsumerMetrics {
     pub postgres_connection_errors: IntCounter,
     pub last_commit: Gauge,
     pub end_to_end: Histogram,
+    pub from_future: IntCounter,
     pub refusing_all: IntGauge,
     pub dead_letters_held: IntGauge,
     pub blocked: IntGauge,
@@ -166,12 +179,14 @@ impl ConsumerMetrics {
             duplicates: counter(&r, "messages_duplicate_total", "Readings acknowledged without a new row because their message_id was already stored."),
             conflicting: counter(&r, "messages_conflicting_total", "Readings acknowledged without a new row because a different reading with their message_id was stored first (kept); not counted as duplicates."),
             pending: int_gauge(&r, "consumer_pending_messages", "Messages received and not yet acknowledged."),
-            insert_duration: histogram(&r, "postgres_insert_duration_seconds", "Time to store one batch, including isolating refused rows.", prometheus::exponential_buckets(0.0005, 2.0, 14).unwrap_or_default()),
+            // 0.5 ms, doubling, to about 65 s: above the 20 s statement_timeout.
+            insert_duration: histogram(&r, "postgres_insert_duration_seconds", "Time to store one batch, including isolating refused rows.", prometheus::exponential_buckets(0.0005, 2.0, 18).unwrap_or_default()),
             batch_size: histogram(&r, "consumer_batch_size_messages", "Messages per batch (stored and dead-lettered).", vec![1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0]),
             amqp_connection_errors: counter(&r, "amqp_connection_errors_total", "RabbitMQ connections lost or attempts that failed."),
             postgres_connection_errors: counter(&r, "postgres_connection_errors_total", "PostgreSQL connections lost or attempts that failed."),
             last_commit: gauge(&r, "consumer_last_commit_timestamp_seconds", "Unix time of the last batch stored and acknowledged."),
             end_to_end: histogram(&r, "consumer_end_to_end_latency_seconds", "Time from a reading's measured_at to the commit that stored it.", end_to_end_buckets()),
+            from_future: counter(&r, "consumer_readings_from_future_total", "Readings stored whose measured_at was later than the commit that stored them: a station whose clock runs ahead (their latency is observed as 0)."),
             refusing_all: int_gauge(&r, "consumer_database_refusing_all", "1 while PostgreSQL refuses every reading of a batch and a reading it accepted before (a change to the table); the readings are held and retried."),
             dead_letters_held: int_gauge(&r, "consumer_dead_letters_held", "Rejected messages that could not be dead-lettered yet; held unacknowledged and retried."),
             blocked: blocked_gauge(&r),
@@ -196,6 +211,9 @@ impl ConsumerMetrics {
     ) {
         for measured in measured {
             let latency = (committed - measured).as_seconds_f64();
+            if latency < 0.0 {
+                self.from_future.inc();
+            }
             self.end_to_end.observe(latency.max(0.0));
         }
     }
@@ -269,7 +287,8 @@ impl ProducerMetrics {
                 &r,
                 "publish_confirm_duration_seconds",
                 "Time from publish to the broker's confirm.",
-                prometheus::exponential_buckets(0.0001, 2.0, 16).unwrap_or_default(),
+                // 0.1 ms, doubling, to about 52 s: a blocked or restarting broker confirms late.
+                prometheus::exponential_buckets(0.0001, 2.0, 20).unwrap_or_default(),
             ),
             memory: int_gauge(
                 &r,
@@ -458,8 +477,10 @@ mod tests {
                 "consumer_end_to_end_latency_seconds_bucket{le=\"0.001\"} 1",
                 "consumer_end_to_end_latency_seconds_bucket{le=\"0.004\"} 2",
                 "consumer_end_to_end_latency_seconds_bucket{le=\"2.048\"} 3",
-                "consumer_end_to_end_latency_seconds_bucket{le=\"65.536\"} 3",
+                "consumer_end_to_end_latency_seconds_bucket{le=\"5\"} 3",
+                "consumer_end_to_end_latency_seconds_bucket{le=\"4194.304\"} 3",
                 "consumer_end_to_end_latency_seconds_count 3",
+                "consumer_readings_from_future_total 1",
             ],
         );
     }
