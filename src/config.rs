@@ -358,6 +358,28 @@ pub struct ConsumerConfig {
     pub retry: RetryConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub stations: StationsConfig,
+}
+
+/// Silent stations (`consumer_stations_silent`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StationsConfig {
+    /// A station not heard from for this long counts as silent.
+    #[serde(with = "humantime_serde")]
+    pub silent_after: Duration,
+    /// Stations remembered at most; past it, the one heard from longest ago is forgotten (an id
+    /// a sender makes up costs one entry, not unbounded memory).
+    pub max_tracked: usize,
+}
+
+impl Default for StationsConfig {
+    fn default() -> Self {
+        Self {
+            silent_after: Duration::from_secs(300),
+            max_tracked: 10_000,
+        }
+    }
 }
 
 impl Default for ConsumerConfig {
@@ -373,6 +395,7 @@ impl Default for ConsumerConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
             },
             log: LogConfig::default(),
+            stations: StationsConfig::default(),
         }
     }
 }
@@ -567,6 +590,12 @@ impl DaemonConfig for ConsumerConfig {
         )?;
         if let Some(url) = &self.postgres.owner_url {
             validate_url("postgres.owner_url", url, &["postgres", "postgresql"])?;
+        }
+        if self.stations.silent_after.is_zero() {
+            return Err(invalid("stations.silent_after", "must be above zero"));
+        }
+        if self.stations.max_tracked == 0 {
+            return Err(invalid("stations.max_tracked", "must be at least 1"));
         }
         if self.batch.max_size == 0 || self.batch.max_size > usize::from(self.amqp.prefetch) {
             return Err(invalid(

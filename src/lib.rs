@@ -7,6 +7,7 @@
 //! * `secret`: passwords from files or systemd credentials, redacted when printed.
 //! * `reading`: the JSON wire format and the validation of one message.
 //! * `station`: the producer's simulated stations.
+//! * `silent_stations`: the stations the consumer has heard from, and which fell silent.
 //! * `amqp`: connecting to RabbitMQ, the topology both daemons declare, dead-letter properties.
 //! * `db`: PostgreSQL: connect, migrate, insert batches idempotently.
 //! * `batch`: a pure batcher (size or age).
@@ -31,6 +32,7 @@ pub mod producer;
 pub mod reading;
 pub mod retry;
 pub mod secret;
+pub mod silent_stations;
 pub mod station;
 pub mod systemd;
 pub mod telemetry;

@@ -161,6 +161,10 @@ pub struct ConsumerMetrics {
     pub refusing_all: IntGauge,
     pub dead_letters_held: IntGauge,
     pub blocked: IntGauge,
+    stations_known: IntGauge,
+    stations_silent: IntGauge,
+    /// The stations heard from (updated by the writer, counted at each rendering).
+    stations: std::sync::Mutex<crate::silent_stations::Stations>,
     process: ProcessMetrics,
     /// Size and duration of the last batch, for the systemd status line (not exported).
     pub last_batch: AtomicU64,
@@ -190,6 +194,12 @@ impl ConsumerMetrics {
             refusing_all: int_gauge(&r, "consumer_database_refusing_all", "1 while PostgreSQL refuses every reading of a batch and a reading it accepted before (a change to the table); the readings are held and retried."),
             dead_letters_held: int_gauge(&r, "consumer_dead_letters_held", "Rejected messages that could not be dead-lettered yet; held unacknowledged and retried."),
             blocked: blocked_gauge(&r),
+            stations_known: int_gauge(&r, "consumer_stations_known", "Stations the consumer has stored readings of since it started (at most stations.max_tracked)."),
+            stations_silent: int_gauge(&r, "consumer_stations_silent", "Of those, the stations not heard from for stations.silent_after."),
+            stations: std::sync::Mutex::new(crate::silent_stations::Stations::new(
+                crate::config::StationsConfig::default().silent_after,
+                crate::config::StationsConfig::default().max_tracked,
+            )),
             process: ProcessMetrics::new(),
             last_batch: AtomicU64::new(0),
             last_batch_micros: AtomicU64::new(0),
@@ -200,6 +210,28 @@ impl ConsumerMetrics {
         }
         build_info(&m.registry, "consumer");
         m
+    }
+
+    /// Uses `cfg` for the silent stations (forgetting those seen so far).
+    pub fn configure_stations(&self, cfg: &crate::config::StationsConfig) {
+        *self.stations_lock() =
+            crate::silent_stations::Stations::new(cfg.silent_after, cfg.max_tracked);
+    }
+
+    /// The stations of readings just stored were heard from now.
+    pub fn stations_heard<'a>(&self, stations: impl IntoIterator<Item = &'a str>) {
+        let now = std::time::Instant::now();
+        let mut s = self.stations_lock();
+        for station in stations {
+            s.seen(station, now);
+        }
+    }
+
+    fn stations_lock(&self) -> std::sync::MutexGuard<'_, crate::silent_stations::Stations> {
+        // Poisoned only by a panic, which aborts the process (panic = "abort").
+        self.stations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Observes `measured_at` → `committed` for each row that has a `measured_at` (older-style
@@ -223,6 +255,13 @@ impl ConsumerMetrics {
     pub fn render(&self, phase: Phase) -> String {
         if let Some(rss) = resident_memory_bytes() {
             self.memory.set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
+        {
+            let s = self.stations_lock();
+            let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.stations_known.set(count(s.known()));
+            self.stations_silent
+                .set(count(s.silent(std::time::Instant::now())));
         }
         encode(&self.registry, &self.process, phase)
     }

@@ -466,3 +466,37 @@ async fn readings_are_stored_when_the_flow_pauses_not_after_max_wait() {
     token.cancel();
     consumer.await.unwrap().unwrap();
 }
+
+/// The stations heard from are counted, and fall silent after `stations.silent_after`.
+#[tokio::test(flavor = "multi_thread")]
+async fn stations_not_heard_from_are_counted_as_silent() {
+    let names = Names::new("silent-stations");
+    names.create_schema().await;
+    let client = Client::connect().await;
+    names.predeclare_like_the_old_system(&client.channel).await;
+    let mut cfg = names.consumer_config();
+    cfg.stations.silent_after = Duration::from_secs(1);
+    let (deps, token, consumer) = start_consumer(cfg);
+    let msgs: Vec<_> = [("S-1", 10.0), ("S-2", 11.0), ("S-3", 12.0), ("S-1", 13.0)]
+        .iter()
+        .map(|(s, t)| (old_reading(s, *t), props()))
+        .collect();
+    client
+        .publish_all(&names.exchange, &names.routing_key, &msgs)
+        .await;
+    names.wait_rows(4, LIMIT).await;
+    let metrics = deps.metrics.clone();
+    let gauge = move |name: &str| {
+        let text = metrics.render(sistema_mensajes::health::Phase::Running);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<i64>().ok())
+    };
+    assert_eq!(gauge("consumer_stations_known"), Some(3));
+    wait_until(LIMIT, "three silent stations", || {
+        let silent = gauge("consumer_stations_silent");
+        async move { silent == Some(3) }
+    })
+    .await;
+    token.cancel();
+    consumer.await.unwrap().unwrap();
+}

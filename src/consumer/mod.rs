@@ -89,6 +89,7 @@ pub async fn run(
     let pg_password = crate::secret::loaded("postgres", cfg.postgres.password()?);
     let amqp_uri = cfg.amqp.connect_uri(amqp_password.as_ref());
     let crate::daemon::Deps { metrics, health } = deps;
+    metrics.configure_stations(&cfg.stations);
 
     health.set_phase(Phase::WaitingForDatabase);
     let Some(db) = connect_db(&cfg, pg_password.as_ref(), &metrics, &health, &token).await else {

@@ -215,11 +215,13 @@ impl Writer {
                     self.health.set_problem(None);
                     let mut refused = stored.rejected;
                     refused.sort_by_key(|(i, _)| *i);
-                    if let Some(ok) = (0..rows.len())
-                        .find(|i| refused.binary_search_by_key(i, |(r, _)| *r).is_err())
-                    {
+                    let stored = (0..rows.len())
+                        .filter(|i| refused.binary_search_by_key(i, |(r, _)| *r).is_err());
+                    if let Some(ok) = stored.clone().next() {
                         self.last_stored = Some(rows[ok].clone());
                     }
+                    self.metrics
+                        .stations_heard(stored.map(|i| rows[i].station_id.as_str()));
                     return Some(refused);
                 }
                 Err(e) => {
