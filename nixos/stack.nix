@@ -17,12 +17,22 @@
 #   services.prometheus.{enable,listenAddress,port,globalConfig,scrapeConfigs,ruleFiles}
 #                                                     nixos/modules/services/monitoring/prometheus/default.nix
 #     (listenAddress: str, default "0.0.0.0", the host part of --web.listen-address; `port` beside it)
+#   services.prometheus.alertmanagers                 (same file: listOf attrs, prometheus.yml's
+#     `alerting.alertmanagers`)
+#   services.prometheus.alertmanager.{enable,listenAddress,port,configuration}
+#                                                     nixos/modules/services/monitoring/prometheus/alertmanager.nix
+#     (read at Swarsel/nixpkgs@4aa6836a; its options are declared for the evaluator in .ci/nixos-eval/alertmanager-options.nix;
+#     listenAddress: str, default "" = every interface; port: port, default 9093; configuration:
+#     nullOr attrs, written with builtins.toJSON to the store, checked with `amtool check-config`
+#     at build time (checkConfig, default true), then passed through envsubst in preStart, so a
+#     literal `$` must be written `$$`; the unit is alertmanager.service, DynamicUser = true)
 #   services.grafana.{enable,settings.security.{admin_password,secret_key},provision.*}
 #                                                     nixos/modules/services/monitoring/grafana.nix
 #   systemd.services.*, users.*, networking.firewall.allowedTCPPorts  (nixos/lib/systemd-unit-options.nix,
 #     nixos/modules/config/users-groups.nix, nixos/modules/services/networking/firewall.nix)
 {
   config,
+  options,
   lib,
   pkgs,
   utils,
@@ -244,6 +254,93 @@ let
     d:
     h.loopback
     ++ lib.optional (!h.isLocal top.${d}.metrics.listenAddress) top.${d}.metrics.listenAddress;
+
+  # --- Alertmanager ---------------------------------------------------------------------------
+  am = cfg.alertmanager;
+  amService = config.services.prometheus.alertmanager;
+  amAddress = h.hostPort (h.connectAddress amService.listenAddress) amService.port;
+  # NixOS always has the Alertmanager module (nixos/modules/module-list.nix). The offline
+  # evaluator (../shared/nixos-eval) has not: there the Alertmanager part is left out, and
+  # .ci/check-nix evaluates it with the module's options declared (.ci/nixos-eval/alertmanager.nix).
+  haveAlertmanagerModule = options.services.prometheus ? alertmanager;
+  # Secrets reach alertmanager.service (DynamicUser) as credentials: PID 1 reads the files, as
+  # root, and the configuration names the copies (Alertmanager reads `*_file` fields when it
+  # sends, so `amtool check-config` at build time does not need them).
+  amCredentials = "/run/credentials/alertmanager.service";
+  amCredentialFiles = lib.filterAttrs (_: f: f != null) (
+    am.credentials
+    // {
+      heartbeat-url = am.heartbeat.urlFile;
+      webhook-url = am.webhook.urlFile;
+      webhook-token = am.webhook.tokenFile;
+    }
+  );
+  # A webhook_configs entry: the URL in the configuration, or (Alertmanager >= 0.26) read from a
+  # credential.
+  webhookUrl =
+    w: credential:
+    if w.urlFile != null then
+      { url_file = "${amCredentials}/${credential}"; }
+    else
+      { inherit (w) url; };
+  heartbeatReceiver = {
+    name = "heartbeat";
+  }
+  // lib.optionalAttrs (am.heartbeat.url != null || am.heartbeat.urlFile != null) {
+    webhook_configs = [ (webhookUrl am.heartbeat "heartbeat-url" // { send_resolved = false; }) ];
+  };
+  webhookReceiver = lib.optionalAttrs (am.webhook.url != null || am.webhook.urlFile != null) {
+    webhook_configs = [
+      (
+        webhookUrl am.webhook "webhook-url"
+        // {
+          send_resolved = true;
+        }
+        // lib.optionalAttrs (am.webhook.tokenFile != null) {
+          http_config.authorization = {
+            type = "Bearer";
+            credentials_file = "${amCredentials}/webhook-token";
+          };
+        }
+      )
+    ];
+  };
+  # The user's receiver: the webhook above plus `receiver`, lists concatenated.
+  userReceiver =
+    lib.zipAttrsWith (_: vs: if lib.all lib.isList vs then lib.concatLists vs else lib.last vs) [
+      webhookReceiver
+      am.receiver
+    ]
+    // {
+      name = "sistema";
+    };
+  alertmanagerConfiguration = {
+    route = {
+      receiver = "sistema";
+      group_by = [
+        "alertname"
+        "instance"
+      ];
+      group_wait = "30s";
+      group_interval = "5m";
+      repeat_interval = "4h";
+      # SistemaWatchdog (nixos/prometheus/alerts.yml, severity "none") always fires: to the
+      # heartbeat only, never to the user's receiver, about every heartbeat.repeatInterval.
+      routes = [
+        {
+          matchers = [ ''alertname="SistemaWatchdog"'' ];
+          receiver = "heartbeat";
+          group_wait = "0s";
+          group_interval = "1m";
+          repeat_interval = am.heartbeat.repeatInterval;
+        }
+      ];
+    };
+    receivers = [
+      heartbeatReceiver
+      userReceiver
+    ];
+  };
 in
 {
   imports = [
@@ -380,6 +477,93 @@ in
               h.hostPort (h.connectAddress rmq.metrics.listenAddress) rabbitmqMetricsPort
             );
           };
+    };
+
+    alertmanager = {
+      enable = mkOption {
+        type = types.bool;
+        default = cfg.prometheus.enable;
+        defaultText = lib.literalExpression "config.services.sistema-mensajes.stack.prometheus.enable";
+        description = ''
+          Whether to run Alertmanager on this host (on 127.0.0.1:9093 unless
+          `services.prometheus.alertmanager.listenAddress` and `port` say otherwise), with this
+          host's Prometheus sending it its alerts and scraping it. SistemaWatchdog, which always
+          fires, goes to `heartbeat` only; every other alert to the receiver `sistema`
+          (`webhook`, `receiver`). With neither set, alerts reach Alertmanager (its web UI) and no
+          one else.
+        '';
+      };
+      heartbeat = {
+        url = mkOption {
+          type = types.nullOr h.urlWithoutPassword;
+          default = null;
+          example = "https://hc-ping.example.org/your-check";
+          description = ''
+            URL that SistemaWatchdog is posted to (an Alertmanager webhook) about every
+            `heartbeat.repeatInterval`: a dead man's switch service that pages when the posts stop.
+            It is written to the world-readable Nix store: if the URL holds a token, use
+            `heartbeat.urlFile`.
+          '';
+        };
+        urlFile = h.secretFile ''
+          File with the heartbeat URL (instead of `heartbeat.url`), for a URL that holds a token.
+          Alertmanager gets it as a credential and reads it when it sends (`url_file`, Alertmanager
+          0.26 or later).
+        '';
+        repeatInterval = mkOption {
+          type = types.str;
+          default = "5m";
+          description = "How often SistemaWatchdog is sent again (Alertmanager `repeat_interval`, checked every minute). The heartbeat service's period must be longer.";
+        };
+      };
+      webhook = {
+        url = mkOption {
+          type = types.nullOr h.urlWithoutPassword;
+          default = null;
+          example = "https://alerts.example.org/alertmanager";
+          description = ''
+            Webhook that gets every alert but SistemaWatchdog (Alertmanager's JSON), resolved ones
+            too. Written to the world-readable Nix store: if the URL holds a token, use
+            `webhook.urlFile`.
+          '';
+        };
+        urlFile = h.secretFile "File with the webhook's URL (instead of `webhook.url`), read by Alertmanager when it sends (`url_file`, Alertmanager 0.26 or later).";
+        tokenFile = h.secretFile "File with a bearer token for the webhook (`http_config.authorization.credentials_file`).";
+      };
+      receiver = mkOption {
+        type = types.attrsOf types.anything;
+        default = { };
+        example = lib.literalExpression ''
+          {
+            email_configs = [ {
+              to = "ops@example.org";
+              from = "alertmanager@example.org";
+              smarthost = "smtp.example.org:587";
+              auth_username = "alertmanager@example.org";
+              auth_password_file = "/run/credentials/alertmanager.service/smtp-password";
+            } ];
+          }
+        '';
+        description = ''
+          More of the receiver `sistema` (every alert but SistemaWatchdog), as Alertmanager's
+          `receiver` without `name`: `email_configs`, `slack_configs`, `webhook_configs` (added
+          to `webhook`'s) and so on. It is written to the world-readable Nix store: give secrets as
+          `*_file` fields naming `/run/credentials/alertmanager.service/<name>`, with the file in
+          `credentials.<name>`. The file goes through envsubst: write a literal `$` as `$$`.
+        '';
+      };
+      credentials = mkOption {
+        type = types.attrsOf h.secretPath;
+        default = { };
+        example = {
+          smtp-password = "/run/secrets/smtp-password";
+        };
+        description = ''
+          Secret files for `receiver`: each reaches alertmanager.service as the credential
+          `<name>` (`LoadCredential=`: PID 1 reads it, so it may be readable by root only), at
+          `/run/credentials/alertmanager.service/<name>`.
+        '';
+      };
     };
 
     grafana = {
@@ -709,6 +893,64 @@ in
         d: lib.mkIf top.${d}.enable { metrics.allowFrom = scrapeSources d; }
       );
     })
+
+    # --- Alertmanager -----------------------------------------------------------------------
+    (lib.mkIf am.enable {
+      assertions = [
+        {
+          assertion = cfg.prometheus.enable;
+          message = "services.sistema-mensajes.stack.alertmanager: it gets its alerts from this host's Prometheus; enable stack.prometheus too.";
+        }
+        {
+          assertion = am.heartbeat.url == null || am.heartbeat.urlFile == null;
+          message = "services.sistema-mensajes.stack.alertmanager.heartbeat: set url or urlFile, not both.";
+        }
+        {
+          assertion = am.webhook.url == null || am.webhook.urlFile == null;
+          message = "services.sistema-mensajes.stack.alertmanager.webhook: set url or urlFile, not both.";
+        }
+        {
+          assertion = am.webhook.tokenFile == null || am.webhook.url != null || am.webhook.urlFile != null;
+          message = "services.sistema-mensajes.stack.alertmanager.webhook.tokenFile: set webhook.url or webhook.urlFile too.";
+        }
+        {
+          assertion =
+            !lib.any (
+              n:
+              lib.elem n [
+                "heartbeat-url"
+                "webhook-url"
+                "webhook-token"
+              ]
+            ) (lib.attrNames am.credentials);
+          message = "services.sistema-mensajes.stack.alertmanager.credentials: heartbeat-url, webhook-url and webhook-token are taken by heartbeat.urlFile, webhook.urlFile and webhook.tokenFile.";
+        }
+      ];
+    })
+    (lib.mkIf am.enable (
+      lib.optionalAttrs haveAlertmanagerModule {
+        services.prometheus = {
+          # nixos/modules/services/monitoring/prometheus/alertmanager.nix
+          alertmanager = {
+            enable = true;
+            # Its web UI and API (silences!) need no password: loopback unless set otherwise
+            # (nixpkgs: "", every interface).
+            listenAddress = mkDefault "127.0.0.1";
+            # Without peers, no HA gossip either (Alertmanager's default: 0.0.0.0:9094, TCP and
+            # UDP; "Set to empty string to disable HA mode", `alertmanager --help`).
+            extraFlags = lib.optional (amService.clusterPeers == [ ]) "--cluster.listen-address=";
+            configuration = alertmanagerConfiguration;
+          };
+          # prometheus/default.nix: alertmanagers is listOf attrs, prometheus.yml's
+          # alerting.alertmanagers.
+          alertmanagers = [ { static_configs = [ { targets = [ amAddress ]; } ]; } ];
+          scrapeConfigs = job "alertmanager" [ amAddress ] { };
+        };
+        systemd.services.alertmanager.serviceConfig.LoadCredential = lib.mapAttrsToList (
+          n: f: "${n}:${toString f}"
+        ) amCredentialFiles;
+      }
+    ))
 
     # --- Grafana ----------------------------------------------------------------------------
     (lib.mkIf cfg.grafana.enable {
