@@ -19,6 +19,24 @@ fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
 const CONSUMER: &str = env!("CARGO_BIN_EXE_consumer");
 const PRODUCER: &str = env!("CARGO_BIN_EXE_producer");
 
+/// `producer --send` against a "broker" that accepts TCP and never says a word, returned once it
+/// has connected, with that connection (keep it open): the send stays unconfirmed until stopped.
+fn producer_on_a_silent_broker(
+    stderr: std::process::Stdio,
+) -> (std::process::Child, std::net::TcpStream) {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let child = Command::new(PRODUCER)
+        .args(["--send", r#"{"station_id": "S-1"}"#])
+        .env("PRODUCER_AMQP__URL", &url)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let (conn, _) = silent.accept().unwrap();
+    (child, conn)
+}
+
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
@@ -128,17 +146,8 @@ fn a_url_that_does_not_parse_is_named_not_echoed() {
 
 #[test]
 fn a_running_daemon_cannot_dump_core() {
-    // A "broker" that accepts TCP and never answers keeps the producer running while we look.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
-    let mut child = Command::new(PRODUCER)
-        .args(["--send", r#"{"station_id": "S-1"}"#])
-        .env("PRODUCER_AMQP__URL", &url)
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let (_conn, _) = silent.accept().unwrap();
+    // Kept running by a broker that never answers, while we look.
+    let (mut child, _conn) = producer_on_a_silent_broker(std::process::Stdio::null());
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
@@ -324,18 +333,8 @@ fn shipped_units_leave_room_for_the_default_timeouts() {
 
 #[test]
 fn a_send_interrupted_before_its_confirm_exits_non_zero() {
-    // A "broker" that accepts TCP and never says a word: the send cannot be confirmed.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
-    let mut child = Command::new(PRODUCER)
-        .args(["--send", r#"{"station_id": "S-1"}"#])
-        .env("PRODUCER_AMQP__URL", &url)
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait for the connection attempt itself, then stop it as systemd or Ctrl-C would.
-    let (_conn, _) = silent.accept().unwrap();
+    // The send cannot be confirmed; once it has connected, stop it as systemd or Ctrl-C would.
+    let (mut child, _conn) = producer_on_a_silent_broker(std::process::Stdio::piped());
     sigterm(Some(child.id()));
     let status = child.wait().unwrap();
     assert_eq!(
