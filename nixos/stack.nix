@@ -61,7 +61,7 @@ let
     "dead_letter_queue"
   ];
   amqpPort = config.services.rabbitmq.port;
-  rabbitmqMetricsPort = 15692;
+  rabbitmqMetricsPort = rmq.metrics.port;
 
   enableOption =
     what:
@@ -180,7 +180,9 @@ let
 
   # --- PostgreSQL -----------------------------------------------------------------------------
   pg = cfg.postgresql;
-  socketUrl = role: "postgres:///${pg.database}?host=/run/postgresql&user=${role}";
+  # The port names the socket file (/run/postgresql/.s.PGSQL.<port>), so it is part of the URL.
+  pgPort = toString config.services.postgresql.settings.port;
+  socketUrl = role: "postgres:///${pg.database}?host=/run/postgresql&port=${pgPort}&user=${role}";
   migrateUser = "sistema-migrate";
   grantsUnit = "sistema-mensajes-postgresql-grants.service";
   migrateUnit = "sistema-mensajes-postgresql-migrate.service";
@@ -211,7 +213,7 @@ let
   setPassword =
     role: credential:
     let
-      psql = "psql -d ${lib.escapeShellArg pg.database} -v ON_ERROR_STOP=1 -v role=${lib.escapeShellArg role}";
+      psql = "psql -p ${pgPort} -d ${lib.escapeShellArg pg.database} -v ON_ERROR_STOP=1 -v role=${lib.escapeShellArg role}";
     in
     ''
       verifier=$(${consumerExe} hash-password <"$CREDENTIALS_DIRECTORY/${credential}")
@@ -377,13 +379,18 @@ in
           type = types.str;
           default = "127.0.0.1";
           description = ''
-            Address of RabbitMQ's Prometheus endpoint (rabbitmq_prometheus, port
-            ${toString rabbitmqMetricsPort}: `prometheus.tcp.ip`). It needs no password and shows every
+            Address of RabbitMQ's Prometheus endpoint (rabbitmq_prometheus, `metrics.port`:
+            `prometheus.tcp.ip`). It needs no password and shows every
             queue's name and depth, so it stays on loopback unless a Prometheus on another host needs
             it (then e.g. `0.0.0.0`, with `metrics.openFirewall`).
           '';
         };
-        openFirewall = lib.mkEnableOption "RabbitMQ's metrics port (${toString rabbitmqMetricsPort}, unauthenticated) in the firewall, for a Prometheus on another host";
+        port = mkOption {
+          type = types.port;
+          default = 15692;
+          description = "Port of RabbitMQ's Prometheus endpoint (rabbitmq_prometheus: `prometheus.tcp.port`).";
+        };
+        openFirewall = lib.mkEnableOption "RabbitMQ's metrics port (`metrics.port`, unauthenticated) in the firewall, for a Prometheus on another host";
       };
       topologySettings = generated "declare-topology" topologySettings;
       users = lib.genAttrs roles (r: {
@@ -799,7 +806,7 @@ in
         after = [ "postgresql.target" ];
         path = [ config.services.postgresql.finalPackage ];
         script = ''
-          psql -d ${lib.escapeShellArg pg.database} -v ON_ERROR_STOP=1 \
+          psql -p ${pgPort} -d ${lib.escapeShellArg pg.database} -v ON_ERROR_STOP=1 \
             -v owner=${lib.escapeShellArg pg.database} -v writer=${lib.escapeShellArg pg.writerRole} \
             -v reader=${lib.escapeShellArg pg.readerRole} \
             -v schema=${lib.escapeShellArg top.consumer.settings.postgres.schema} \

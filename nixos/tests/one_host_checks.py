@@ -1,0 +1,198 @@
+# The checks of the one-host stack, written once against the NixOS test driver's Machine API
+# (succeed, fail, wait_for_unit, wait_until_succeeds, wait_for_open_port) and its `subtest`.
+# nixos/tests/one-host.nix runs them in the VM (`vm-one-host`); .ci/nixos-box runs the same
+# functions in CI, in a real systemd (../shared/tools/systemd-box) whose units, configuration
+# files and users were rendered from the module's evaluation. `p` holds what differs between the
+# two: ports (CI uses private ones beside the machine's own servers) and the commands for
+# rabbitmqctl and the AMQP permission probe (amqp-refused.py), which come from different places.
+import shlex
+
+# What a test waits for in the stack's Prometheus: the daemons' counters and RabbitMQ's per-queue
+# depth as the `rabbitmq` job scrapes it (/metrics/detailed serves rabbitmq_detailed_*).
+PROMETHEUS_SERIES = [
+    "messages_processed_total",
+    "messages_confirmed_total",
+    'rabbitmq_detailed_queue_messages_ready{{queue="{queue}"}}',
+]
+
+ONE_HOST_DEFAULTS = {
+    "pg_port": 5432,
+    "amqp_port": 5672,
+    "rabbitmq_metrics_port": 15692,
+    "prometheus_port": 9090,
+    "producer_port": 9101,
+    "consumer_port": 9102,
+    "queue": "weather_queue",
+    "database": "weather",
+}
+
+
+def psql(p, sql):
+    """psql as the postgres superuser, over the Unix socket."""
+    return f"sudo -u postgres psql -X -p {p['pg_port']} -d {p['database']} -tAc {shlex.quote(sql)}"
+
+
+def psql_as(p, user, role, sql):
+    """psql as Unix user `user`, logging in as `role`: peer authentication through the stack's map."""
+    conninfo = f"host=/run/postgresql port={p['pg_port']} dbname={p['database']} user={role}"
+    return f"sudo -u {user} psql -X -v ON_ERROR_STOP=1 {shlex.quote(conninfo)} -tAc {shlex.quote(sql)}"
+
+
+def rows(p):
+    return psql(p, "SELECT count(*) FROM weather_logs")
+
+
+def prometheus_query(p, query):
+    return (
+        f"curl -sf http://127.0.0.1:{p['prometheus_port']}/api/v1/query --data-urlencode {shlex.quote('query=' + query)}"
+        " | jq -e '.data.result | length > 0'"
+    )
+
+
+def confirmed(machine):
+    """Readings the producer had confirmed in its one run (its "Stopped." log line), once journald
+    has stored that line, which may be after `systemctl stop` returns."""
+    stopped = "journalctl -u producer.service -o json MESSAGE=Stopped."
+    machine.wait_until_succeeds(f"{stopped} | jq -se 'length == 1'", timeout=60)
+    return int(machine.succeed(f"{stopped} | jq -s 'map(.CONFIRMED | tonumber) | add'").strip())
+
+
+def check_units_in_order(machine, p):
+    with subtest("the units come up in order"):
+        for unit in [
+            "rabbitmq.service",
+            "sistema-mensajes-rabbitmq-provision.service",
+            "sistema-mensajes-rabbitmq-topology.service",
+            "postgresql.target",
+            "sistema-mensajes-postgresql-grants.service",
+            "sistema-mensajes-postgresql-migrate.service",
+            "consumer.service",
+            "producer.service",
+        ]:
+            machine.wait_for_unit(unit)
+        machine.wait_for_open_port(p["producer_port"])
+        machine.wait_for_open_port(p["consumer_port"])
+
+    with subtest("the producer publishes and rows appear in weather_logs"):
+        machine.wait_until_succeeds(f"test $({rows(p)}) -gt 50", timeout=180)
+
+
+def check_rabbitmq_users(machine, p):
+    with subtest("no guest account; one broker user per daemon, one for the topology"):
+        users = machine.succeed(f"{p['rabbitmqctl']} list_users --no-table-headers")
+        names = [line.split()[0] for line in users.splitlines() if line.strip()]
+        assert "guest" not in names, users
+        assert {"sistema-producer", "sistema-consumer", "sistema-topology"} <= set(names), users
+
+    with subtest("RabbitMQ: each daemon's user may do its own job only"):
+        q = p["queue"]
+
+        def refused(daemon):
+            """amqp-refused.py as the daemon's broker user: each action must be refused (403)."""
+            url = f"amqp://127.0.0.1:{p['amqp_port']}/%2f"
+            return f"{p['amqp_refused']} {url} sistema-{daemon} /var/lib/sistema-mensajes-rabbitmq/{daemon}.password"
+
+        # The producer may only publish readings: not consume them, nor declare, delete or dead-letter.
+        machine.succeed(
+            f"{refused('producer')} consume:{q} declare-queue:{q} delete-queue:{q} declare-exchange:weather publish:weather_dead_letter"
+        )
+        # The consumer may only consume readings and dead-letter them: not publish readings, declare or delete.
+        machine.succeed(
+            f"{refused('consumer')} publish:weather declare-exchange:weather declare-queue:{q} delete-queue:{q} consume:weather_dead_letter"
+        )
+        machine.succeed("journalctl -u sistema-mensajes-rabbitmq-topology.service | grep -q 'topology declared'")
+
+
+def check_postgresql_roles(machine, p):
+    with subtest("PostgreSQL: the consumer's role may insert, nothing more; the owner only migrates"):
+        machine.succeed(
+            "journalctl -u sistema-mensajes-postgresql-migrate.service | grep -q 'role .weather_writer. may insert'"
+        )
+        # The consumer's Unix user logs in as the writer...
+        machine.succeed(f"test \"$({psql_as(p, 'sistema-consumer', 'weather_writer', 'SELECT current_user')})\" = weather_writer")
+        # ...which may neither change nor remove rows, nor drop the table, nor read them (it sees
+        # only message_id, for ON CONFLICT)...
+        for sql in [
+            "DELETE FROM weather_logs",
+            "UPDATE weather_logs SET message_id = message_id",
+            "TRUNCATE weather_logs",
+            "DROP TABLE weather_logs",
+            "SELECT * FROM weather_logs LIMIT 1",
+        ]:
+            machine.fail(psql_as(p, "sistema-consumer", "weather_writer", sql))
+        # ...and never as the owner; the migrations' Unix user does.
+        machine.fail(psql_as(p, "sistema-consumer", "weather", "SELECT 1"))
+        machine.succeed(f"test \"$({psql_as(p, 'sistema-migrate', 'weather', 'SELECT current_user')})\" = weather")
+        assert int(machine.succeed(rows(p)).strip()) > 0
+
+    with subtest("PostgreSQL: Grafana's role reads weather_logs (the event trigger's grant), nothing else"):
+        machine.succeed(f"test \"$({psql_as(p, 'grafana', 'weather_reader', 'SHOW statement_timeout')})\" = 30s")
+        n = int(machine.succeed(psql_as(p, "grafana", "weather_reader", "SELECT count(*) FROM weather_logs")).strip())
+        assert n > 0, n
+        machine.fail(psql_as(p, "grafana", "weather_reader", "SELECT count(*) FROM schema_migrations"))
+
+
+def check_loopback_only(machine, p):
+    with subtest("the stack's services listen on loopback only"):
+        ports = [p[k] for k in ["pg_port", "amqp_port", "rabbitmq_metrics_port", "prometheus_port", "producer_port", "consumer_port"]]
+        for port in ports + p.get("more_ports", []):
+            machine.wait_for_open_port(port)
+            listening = machine.succeed(f"ss -ltnH 'sport = :{port}' | awk '{{ print $4 }}'").split()
+            assert listening and all(a.startswith(("127.0.0.1:", "[::1]:")) for a in listening), (port, listening)
+
+
+def check_status_and_journal(machine, p):
+    with subtest("systemctl status and journalctl show the daemon's status and fields"):
+        machine.succeed("systemctl status consumer.service | grep -E 'Status: \"stored [0-9]+ readings'")
+        machine.succeed("journalctl -u consumer.service -o verbose | grep -E '^ +SCHEMA=public$'")
+        machine.succeed("journalctl -u sistema-mensajes-postgresql-migrate.service | grep -q 'Applied database migration.'")
+        machine.succeed("test \"$(systemctl show -p User --value consumer.service)\" = sistema-consumer")
+
+
+def check_prometheus(machine, p):
+    with subtest("Prometheus: every target up, and the pipeline's metrics"):
+        machine.wait_for_unit("prometheus.service")
+        machine.wait_until_succeeds(
+            f"curl -sf http://127.0.0.1:{p['prometheus_port']}/api/v1/targets"
+            " | jq -e '[.data.activeTargets[] | .labels.job + \"=\" + .health] | sort"
+            " == [\"consumer=up\", \"producer=up\", \"prometheus=up\", \"rabbitmq=up\"]'",
+            timeout=180,
+        )
+        for series in PROMETHEUS_SERIES:
+            machine.wait_until_succeeds(prometheus_query(p, series.format(queue=p["queue"])), timeout=120)
+        machine.succeed(f"curl -sf http://127.0.0.1:{p['prometheus_port']}/api/v1/rules | jq -e '.data.groups | length > 0'")
+
+
+def check_restarts_lose_nothing(machine, p):
+    with subtest("restarting PostgreSQL and RabbitMQ loses nothing"):
+        machine.succeed("systemctl restart postgresql.service")
+        machine.wait_for_unit("postgresql.target")
+        machine.succeed("systemctl restart rabbitmq.service")
+        machine.wait_for_unit("rabbitmq.service")
+        before = int(machine.succeed(rows(p)).strip())
+        machine.wait_until_succeeds(f"test $({rows(p)}) -gt {before + 50}", timeout=300)
+        # One run (so one "Stopped." line); asked before the stop, while the unit is surely loaded.
+        machine.succeed("test $(systemctl show -p NRestarts --value producer.service) -eq 0")
+        machine.succeed("systemctl stop producer.socket producer.service")
+        machine.wait_until_succeeds(
+            f"test \"$({p['rabbitmqctl']} list_queues --no-table-headers name messages | awk '$1 == \"{p['queue']}\" {{ print $2 }}')\" = 0",
+            timeout=180,
+        )
+        sent = confirmed(machine)
+        assert sent > 0
+        machine.wait_until_succeeds(f"test $({rows(p)}) -eq {sent}", timeout=120)
+
+
+def one_host_checks(machine, p, between=()):
+    """Every shared check, in the order the VM test runs them; `between` runs after Prometheus's
+    check and before the restarts (the VM test's Grafana checks)."""
+    p = {**ONE_HOST_DEFAULTS, **p}
+    check_units_in_order(machine, p)
+    check_rabbitmq_users(machine, p)
+    check_postgresql_roles(machine, p)
+    check_loopback_only(machine, p)
+    check_status_and_journal(machine, p)
+    check_prometheus(machine, p)
+    for check in between:
+        check()
+    check_restarts_lose_nothing(machine, p)
