@@ -1041,6 +1041,9 @@ in
       # grafana.service is grafana.nix's unit; LoadCredential= added to it.
       systemd.services.grafana = {
         after = lib.optional pg.enable "postgresql.target";
+        # The datasource's url is the socket directory; its driver takes the port (the socket
+        # file's name) from PGPORT, as libpq does.
+        environment = lib.mkIf pg.enable { PGPORT = pgPort; };
         serviceConfig.LoadCredential = [
           "admin-password:${toString cfg.grafana.adminPasswordFile}"
           "secret-key:${toString cfg.grafana.secretKeyFile}"

@@ -5,6 +5,7 @@
 # files and users were rendered from the module's evaluation. `p` holds what differs between the
 # two: ports (CI uses private ones beside the machine's own servers) and the commands for
 # rabbitmqctl and the AMQP permission probe (amqp-refused.py), which come from different places.
+import re
 import shlex
 
 # What a test waits for in the stack's Prometheus: the daemons' counters and RabbitMQ's per-queue
@@ -38,6 +39,13 @@ def psql_as(p, user, role, sql):
     return f"sudo -u {user} psql -X -v ON_ERROR_STOP=1 {shlex.quote(conninfo)} -tAc {shlex.quote(sql)}"
 
 
+def refused(machine, command, reason):
+    """`command` must fail, for `reason` (a regular expression its output must match): a refusal
+    that fails for another cause (a wrong port, a missing user or binary) does not pass."""
+    out = machine.fail(f"{command} 2>&1")
+    assert re.search(reason, out), (command, out)
+
+
 def rows(p):
     return psql(p, "SELECT count(*) FROM weather_logs")
 
@@ -52,7 +60,7 @@ def prometheus_query(p, query):
 def confirmed(machine):
     """Readings the producer had confirmed in its one run (its "Stopped." log line), once journald
     has stored that line, which may be after `systemctl stop` returns."""
-    stopped = "journalctl -u producer.service -o json MESSAGE=Stopped."
+    stopped = "journalctl -b -u producer.service -o json MESSAGE=Stopped."
     machine.wait_until_succeeds(f"{stopped} | jq -se 'length == 1'", timeout=60)
     return int(machine.succeed(f"{stopped} | jq -s 'map(.CONFIRMED | tonumber) | add'").strip())
 
@@ -100,13 +108,13 @@ def check_rabbitmq_users(machine, p):
         machine.succeed(
             f"{refused('consumer')} publish:weather declare-exchange:weather declare-queue:{q} delete-queue:{q} consume:weather_dead_letter"
         )
-        machine.succeed("journalctl -u sistema-mensajes-rabbitmq-topology.service | grep -q 'topology declared'")
+        machine.succeed("journalctl -b -u sistema-mensajes-rabbitmq-topology.service | grep 'topology declared' >/dev/null")
 
 
 def check_postgresql_roles(machine, p):
     with subtest("PostgreSQL: the consumer's role may insert, nothing more; the owner only migrates"):
         machine.succeed(
-            "journalctl -u sistema-mensajes-postgresql-migrate.service | grep -q 'role .weather_writer. may insert'"
+            "journalctl -b -u sistema-mensajes-postgresql-migrate.service | grep 'role .weather_writer. may insert' >/dev/null"
         )
         # The consumer's Unix user logs in as the writer...
         machine.succeed(f"test \"$({psql_as(p, 'sistema-consumer', 'weather_writer', 'SELECT current_user')})\" = weather_writer")
@@ -119,9 +127,9 @@ def check_postgresql_roles(machine, p):
             "DROP TABLE weather_logs",
             "SELECT * FROM weather_logs LIMIT 1",
         ]:
-            machine.fail(psql_as(p, "sistema-consumer", "weather_writer", sql))
+            refused(machine, psql_as(p, "sistema-consumer", "weather_writer", sql), "permission denied|must be owner")
         # ...and never as the owner; the migrations' Unix user does.
-        machine.fail(psql_as(p, "sistema-consumer", "weather", "SELECT 1"))
+        refused(machine, psql_as(p, "sistema-consumer", "weather", "SELECT 1"), "Peer authentication failed")
         machine.succeed(f"test \"$({psql_as(p, 'sistema-migrate', 'weather', 'SELECT current_user')})\" = weather")
         assert int(machine.succeed(rows(p)).strip()) > 0
 
@@ -129,7 +137,7 @@ def check_postgresql_roles(machine, p):
         machine.succeed(f"test \"$({psql_as(p, 'grafana', 'weather_reader', 'SHOW statement_timeout')})\" = 30s")
         n = int(machine.succeed(psql_as(p, "grafana", "weather_reader", "SELECT count(*) FROM weather_logs")).strip())
         assert n > 0, n
-        machine.fail(psql_as(p, "grafana", "weather_reader", "SELECT count(*) FROM schema_migrations"))
+        refused(machine, psql_as(p, "grafana", "weather_reader", "SELECT count(*) FROM schema_migrations"), "permission denied")
 
 
 def check_loopback_only(machine, p):
@@ -144,8 +152,8 @@ def check_loopback_only(machine, p):
 def check_status_and_journal(machine, p):
     with subtest("systemctl status and journalctl show the daemon's status and fields"):
         machine.succeed("systemctl status consumer.service | grep -E 'Status: \"stored [0-9]+ readings'")
-        machine.succeed("journalctl -u consumer.service -o verbose | grep -E '^ +SCHEMA=public$'")
-        machine.succeed("journalctl -u sistema-mensajes-postgresql-migrate.service | grep -q 'Applied database migration.'")
+        machine.succeed("journalctl -b -u consumer.service -o verbose | grep -E '^ +SCHEMA=public$'")
+        machine.succeed("journalctl -b -u sistema-mensajes-postgresql-migrate.service | grep 'Applied database migration.' >/dev/null")
         machine.succeed("test \"$(systemctl show -p User --value consumer.service)\" = sistema-consumer")
 
 
