@@ -175,7 +175,27 @@ impl DbError {
         }
     }
 
-    /// The `error_type` of logs (journal field `ERROR_TYPE`): a bounded set.
+    /// Every value [`DbError::error_type`] can take (the label values of
+    /// `postgres_insert_errors_total`, exported at 0 from the start).
+    pub const ERROR_TYPES: [&'static str; 14] = [
+        "config",
+        "timeout",
+        "refused_all",
+        "migration_pending",
+        "unsafe_privileges",
+        "data_rejected",
+        "connection",
+        "server_shutdown",
+        "authentication",
+        "missing_database",
+        "permission_denied",
+        "disk_full",
+        "migration_failed",
+        "query_failed",
+    ];
+
+    /// The `error_type` of logs (journal field `ERROR_TYPE`) and of `postgres_insert_errors_total`:
+    /// one of [`DbError::ERROR_TYPES`].
     pub fn error_type(&self) -> &'static str {
         match self {
             DbError::Config(_) => "config",
@@ -191,6 +211,7 @@ impl DbError {
                 Some(c) if c.code().starts_with("28") => "authentication",
                 Some(&SqlState::INVALID_CATALOG_NAME) => "missing_database",
                 Some(&SqlState::INSUFFICIENT_PRIVILEGE) => "permission_denied",
+                Some(&SqlState::DISK_FULL) => "disk_full",
                 Some(_) if context.contains("migration") || context.contains("schema") => {
                     "migration_failed"
                 }
@@ -221,6 +242,7 @@ impl DbError {
             "config" => "postgres.url is invalid",
             "refused_all" => "PostgreSQL refuses every reading (a change to weather_logs?)",
             "migration_pending" => "the schema is not migrated",
+            "disk_full" => "PostgreSQL's disk is full",
             "data_rejected" | "query_failed" => "PostgreSQL refused the insert",
             _ => "database unavailable",
         };

@@ -146,7 +146,7 @@ pub struct ConsumerMetrics {
     pub processed: IntCounter,
     pub per_second: Gauge,
     pub memory: IntGauge,
-    pub insert_errors: IntCounter,
+    pub insert_errors: IntCounterVec,
     pub rejected: IntCounterVec,
     pub duplicates: IntCounter,
     pub conflicting: IntCounter,
@@ -178,7 +178,7 @@ impl ConsumerMetrics {
             processed: counter(&r, "messages_processed_total", "Readings stored in PostgreSQL and acknowledged (redeliveries of stored readings included)."),
             per_second: gauge(&r, "messages_per_second", "Readings stored per second, averaged over the last 10 seconds."),
             memory: int_gauge(&r, "consumer_memory_usage_bytes", "Resident memory of the consumer process (procfs), in bytes."),
-            insert_errors: counter(&r, "postgres_insert_errors_total", "Failed attempts to insert a batch into PostgreSQL."),
+            insert_errors: counter_vec(&r, "postgres_insert_errors_total", "Failed attempts to insert a batch into PostgreSQL, by error_type (the journal's ERROR_TYPE).", "error_type"),
             rejected: counter_vec(&r, "messages_rejected_total", "Messages dead-lettered, by reason.", "reason"),
             duplicates: counter(&r, "messages_duplicate_total", "Readings acknowledged without a new row because their message_id was already stored."),
             conflicting: counter(&r, "messages_conflicting_total", "Readings acknowledged without a new row because a different reading with their message_id was stored first (kept); not counted as duplicates."),
@@ -208,8 +208,19 @@ impl ConsumerMetrics {
         for reason in RejectReason::ALL {
             m.rejected.with_label_values(&[reason.as_str()]);
         }
+        for error_type in crate::db::DbError::ERROR_TYPES {
+            m.insert_errors.with_label_values(&[error_type]);
+        }
         build_info(&m.registry, "consumer");
         m
+    }
+
+    /// `postgres_insert_errors_total` over every `error_type`.
+    pub fn insert_errors_total(&self) -> u64 {
+        crate::db::DbError::ERROR_TYPES
+            .iter()
+            .map(|t| self.insert_errors.with_label_values(&[t]).get())
+            .sum()
     }
 
     /// Uses `cfg` for the silent stations (forgetting those seen so far).
@@ -431,7 +442,8 @@ mod tests {
                 "messages_processed_total 3",
                 "messages_per_second ",
                 "consumer_memory_usage_bytes ",
-                "postgres_insert_errors_total 0",
+                "postgres_insert_errors_total{error_type=\"connection\"} 0",
+                "postgres_insert_errors_total{error_type=\"disk_full\"} 0",
                 "messages_rejected_total{reason=\"malformed_json\"} 0",
             ],
         );

@@ -181,7 +181,7 @@ async fn database_cut_off_keeps_messages_unacked_then_stores_them_all() {
     let (ids, publishing) = publish_known(&names, N);
     publishing.await.unwrap();
     wait_until(LIMIT, "inserts failing", || async {
-        deps.metrics.insert_errors.get() >= 3
+        deps.metrics.insert_errors_total() >= 3
     })
     .await;
     // The broker itself says: all delivered, none acknowledged.

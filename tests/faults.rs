@@ -14,19 +14,25 @@ use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// A running consumer on `names`' schema and on queues declared as the older system did, with a
+/// broker and a database client beside it.
+async fn consumer_on_the_old_topology(names: &Names) -> (Client, tokio_postgres::Client, Running) {
+    names.create_schema().await;
+    let client = Client::connect().await;
+    names.predeclare_like_the_old_system(&client.channel).await;
+    let running = start_consumer(names.consumer_config());
+    wait_running(&running.0.health).await;
+    (client, pg_client(&pg_url()).await, running)
+}
+
 /// The issue's example (a NOT NULL column added, 50 readings published) and the class: the
 /// readings are held and retried, none dead-lettered, the status line and a gauge say why, and
 /// once the column is dropped every one is stored.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_change_that_refuses_every_reading_holds_them_until_it_is_undone() {
     let names = Names::new("refuse-all");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
-    let running = start_consumer(names.consumer_config());
+    let (client, pg, running) = consumer_on_the_old_topology(&names).await;
     let (deps, _, _) = &running;
-    wait_running(&deps.health).await;
-    let pg = pg_client(&pg_url()).await;
     let table = format!("{}.weather_logs", names.schema);
     pg.batch_execute(&format!(
         "ALTER TABLE {table} ADD COLUMN site text NOT NULL"
@@ -36,7 +42,7 @@ async fn a_table_change_that_refuses_every_reading_holds_them_until_it_is_undone
 
     let ids = publish_readings(&client, &names, 50).await;
     wait_until(LIMIT, "the refusal taken as systematic", || async {
-        deps.metrics.refusing_all.get() == 1 && deps.metrics.insert_errors.get() >= 3
+        deps.metrics.refusing_all.get() == 1 && deps.metrics.insert_errors_total() >= 3
     })
     .await;
     let status = consumer::status_line(&deps.metrics, &deps.health);
@@ -57,6 +63,55 @@ async fn a_table_change_that_refuses_every_reading_holds_them_until_it_is_undone
         deps.metrics.refusing_all.get() == 0
     })
     .await;
+    assert_eq!(client.ready(&names.dead_letter_queue).await, 0);
+    stop_consumer(running).await;
+}
+
+/// PostgreSQL out of disk space (SQLSTATE 53100, raised for real by the server: a trigger raises it
+/// as a failed file extension would): the readings are held and retried, not dead-lettered, each
+/// attempt is counted under `error_type="disk_full"` and the status line says why; once space is
+/// back every one is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_is_counted_as_disk_full_and_the_readings_are_held() {
+    let names = Names::new("disk-full");
+    let (client, pg, running) = consumer_on_the_old_topology(&names).await;
+    let (deps, _, _) = &running;
+    let schema = &names.schema;
+    pg.batch_execute(&format!(
+        "CREATE FUNCTION {schema}.no_space() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full';
+         END $$;
+         CREATE TRIGGER no_space BEFORE INSERT ON {schema}.weather_logs
+           FOR EACH STATEMENT EXECUTE FUNCTION {schema}.no_space()"
+    ))
+    .await
+    .unwrap();
+
+    let ids = publish_readings(&client, &names, 20).await;
+    let disk_full = || {
+        deps.metrics
+            .insert_errors
+            .with_label_values(&["disk_full"])
+            .get()
+    };
+    wait_until(LIMIT, "insert errors counted as disk_full", || async {
+        disk_full() >= 2
+    })
+    .await;
+    assert_eq!(
+        deps.metrics.insert_errors_total(),
+        disk_full(),
+        "every error is disk_full"
+    );
+    let status = consumer::status_line(&deps.metrics, &deps.health);
+    assert!(status.contains("disk is full"), "{status}");
+    assert_eq!(client.ready(&names.dead_letter_queue).await, 0);
+    assert_eq!(names.rows().await, 0);
+
+    pg.batch_execute(&format!("DROP TRIGGER no_space ON {schema}.weather_logs"))
+        .await
+        .unwrap();
+    names.assert_stored_exactly(ids, LIMIT).await;
     assert_eq!(client.ready(&names.dead_letter_queue).await, 0);
     stop_consumer(running).await;
 }

@@ -42,7 +42,7 @@ async fn sigterm_during_a_database_outage_leaves_the_unstored_batch_in_the_queue
     proxy.cut();
     let ids = publish_readings(&client, &names, 10).await;
     wait_until(LIMIT, "the writer failing to store the batch", || async {
-        first.0.metrics.insert_errors.get() >= 1
+        first.0.metrics.insert_errors_total() >= 1
     })
     .await;
     publish_raw(&client, &names, b"not-json").await;
@@ -230,7 +230,7 @@ async fn a_database_connection_that_timed_out_is_replaced() {
     // One timeout (0.6 s) and a reconnect; reusing the silent connection would never store.
     names.assert_stored_exactly(ids, LIMIT).await;
     assert!(
-        running.0.metrics.insert_errors.get() >= 1,
+        running.0.metrics.insert_errors_total() >= 1,
         "the insert timed out first"
     );
     assert!(pg.connections() > before, "a new connection was opened");

@@ -306,7 +306,13 @@ async fn metrics_endpoint_serves_the_old_names_and_they_move() {
     let before = scrape("/metrics").await;
     assert!(before.starts_with("HTTP/1.1 200"), "{before}");
     assert_eq!(value(&before, "messages_processed_total"), 0.0);
-    assert_eq!(value(&before, "postgres_insert_errors_total"), 0.0);
+    assert_eq!(
+        value(
+            &before,
+            "postgres_insert_errors_total{error_type=\"connection\"}"
+        ),
+        0.0
+    );
     assert!(value(&before, "consumer_memory_usage_bytes") > 1e6);
     assert!(scrape("/other").await.starts_with("HTTP/1.1 404"));
 

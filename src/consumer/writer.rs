@@ -231,7 +231,10 @@ impl Writer {
                     // A connection that failed or timed out may be dead or mid-statement: never
                     // reuse it. The next attempt connects afresh.
                     self.db = None;
-                    self.metrics.insert_errors.inc();
+                    self.metrics
+                        .insert_errors
+                        .with_label_values(&[e.error_type()])
+                        .inc();
                     self.health.set_problem(Some(e.problem()));
                     if let Some(suppressed) = self.error_log.allow(Instant::now()) {
                         if e.is_outage() {
