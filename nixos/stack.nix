@@ -271,6 +271,16 @@ let
   # evaluator (../shared/nixos-eval) has not: there the Alertmanager part is left out, and
   # .ci/check-nix evaluates it with the module's options declared (.ci/nixos-eval/alertmanager.nix).
   haveAlertmanagerModule = options.services.prometheus ? alertmanager;
+
+  # --- Exporters ------------------------------------------------------------------------------
+  # nixos/modules/services/monitoring/prometheus/exporters.nix (node.nix, postgres.nix). As for
+  # Alertmanager, the offline evaluator has no such module: .ci/nixos-eval/exporters-options.nix
+  # declares the options the stack sets.
+  haveExportersModule = options.services.prometheus ? exporters;
+  exporter = config.services.prometheus.exporters;
+  exporterTarget = e: h.hostPort (h.connectAddress exporter.${e}.listenAddress) exporter.${e}.port;
+  # postgres_exporter's role: pg_monitor, nothing else (the grants unit grants it).
+  exporterRole = "postgres-exporter";
   # Secrets reach alertmanager.service (DynamicUser) as credentials: PID 1 reads the files, as
   # root, and the configuration names the copies (Alertmanager reads `*_file` fields when it
   # sends, so `amtool check-config` at build time does not need them).
@@ -489,6 +499,10 @@ in
             rabbitmq = lib.optional rmq.enable (
               h.hostPort (h.connectAddress rmq.metrics.listenAddress) rabbitmqMetricsPort
             );
+            node = lib.optional (haveExportersModule && cfg.exporters.node.enable) (exporterTarget "node");
+            postgres = lib.optional (haveExportersModule && cfg.exporters.postgres.enable) (
+              exporterTarget "postgres"
+            );
           };
       rules = mkOption {
         type = types.str;
@@ -582,6 +596,30 @@ in
           Secret files for `receiver`: each reaches alertmanager.service as the credential
           `<name>` (`LoadCredential=`: PID 1 reads it, so it may be readable by root only), at
           `/run/credentials/alertmanager.service/<name>`.
+        '';
+      };
+    };
+
+    exporters = {
+      node.enable = mkOption {
+        type = types.bool;
+        default = cfg.prometheus.enable;
+        defaultText = lib.literalExpression "config.services.sistema-mensajes.stack.prometheus.enable";
+        description = ''
+          Whether to run node_exporter on this host (`services.prometheus.exporters.node`, on
+          127.0.0.1:9100 unless its `listenAddress` says otherwise), scraped by the job `node`:
+          free disk space and the clock, which SistemaHostDiskFull and SistemaHostClock* watch.
+        '';
+      };
+      postgres.enable = mkOption {
+        type = types.bool;
+        default = pg.enable;
+        defaultText = lib.literalExpression "config.services.sistema-mensajes.stack.postgresql.enable";
+        description = ''
+          Whether to run postgres_exporter beside this host's PostgreSQL
+          (`services.prometheus.exporters.postgres`, on 127.0.0.1:9187), scraped by the job
+          `postgres`: `pg_up`, which SistemaPostgresDown watches. It logs in over the Unix socket
+          as the role `${exporterRole}` (peer authentication), which holds `pg_monitor` only.
         '';
       };
     };
@@ -812,6 +850,9 @@ in
             -v schema=${lib.escapeShellArg top.consumer.settings.postgres.schema} \
             -f ${./postgresql-grants.sql}
         ''
+        + lib.optionalString cfg.exporters.postgres.enable ''
+          psql -p ${pgPort} -d ${lib.escapeShellArg pg.database} -v ON_ERROR_STOP=1 -c 'GRANT pg_monitor TO "${exporterRole}"'
+        ''
         + lib.concatMapStrings (p: setPassword p.role p.credential) passwords;
         serviceConfig = {
           Type = "oneshot";
@@ -903,7 +944,9 @@ in
               vhost = [ "/" ];
             };
           }
-          ++ job "prometheus" [ (h.hostPort (h.connectAddress prom.listenAddress) prom.port) ] { };
+          ++ job "prometheus" [ (h.hostPort (h.connectAddress prom.listenAddress) prom.port) ] { }
+          ++ job "node" cfg.prometheus.targets.node { }
+          ++ job "postgres" cfg.prometheus.targets.postgres { };
         # nixos/prometheus/alerts.yml with this deployment's queue, checked by promtool when the
         # system is built.
         ruleFiles = [ (pkgs.writeText "sistema-mensajes-alerts.yml" alertRules) ];
@@ -977,6 +1020,41 @@ in
           n: f: "${n}:${toString f}"
         ) amCredentialFiles;
       }
+    ))
+
+    # --- Exporters --------------------------------------------------------------------------
+    (lib.mkIf cfg.exporters.node.enable (
+      lib.optionalAttrs haveExportersModule {
+        # exporters.nix: listenAddress defaults to 0.0.0.0; loopback, as the daemons' metrics.
+        services.prometheus.exporters.node = {
+          enable = true;
+          listenAddress = mkDefault "127.0.0.1";
+        };
+      }
+    ))
+    (lib.mkIf cfg.exporters.postgres.enable {
+      assertions = [
+        {
+          assertion = pg.enable;
+          message = "services.sistema-mensajes.stack.exporters.postgres: it watches this host's PostgreSQL; enable stack.postgresql too.";
+        }
+      ];
+    })
+    (lib.mkIf (cfg.exporters.postgres.enable && pg.enable) (
+      lib.mkMerge [
+        { services.postgresql.ensureUsers = [ { name = exporterRole; } ]; }
+        (lib.optionalAttrs haveExportersModule {
+          # exporters/postgres.nix: a static user named like the role (peer authentication, by
+          # pg_hba's `local all all peer`), dataSourceName in DATA_SOURCE_NAME, AF_UNIX only.
+          services.prometheus.exporters.postgres = {
+            enable = true;
+            listenAddress = mkDefault "127.0.0.1";
+            user = exporterRole;
+            group = exporterRole;
+            dataSourceName = "user=${exporterRole} database=${pg.database} host=/run/postgresql port=${pgPort} sslmode=disable";
+          };
+        })
+      ]
     ))
 
     # --- Grafana ----------------------------------------------------------------------------

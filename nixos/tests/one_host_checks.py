@@ -14,16 +14,27 @@ PROMETHEUS_SERIES = [
     "messages_processed_total",
     "messages_confirmed_total",
     'rabbitmq_detailed_queue_messages_ready{{queue="{queue}"}}',
+    # postgres_exporter logged in (peer authentication, pg_monitor) and node_exporter's series the
+    # host alerts read.
+    "pg_up == 1",
+    "node_filesystem_avail_bytes",
 ]
+# The clock alerts' series: node_exporter's timex collector, which a container may not run
+# (systemd-nspawn's seccomp filter refuses adjtimex), hence `p["clock"]`.
+CLOCK_SERIES = ["node_timex_offset_seconds", "node_timex_sync_status"]
 
 ONE_HOST_DEFAULTS = {
     "pg_port": 5432,
     "amqp_port": 5672,
     "rabbitmq_metrics_port": 15692,
     "prometheus_port": 9090,
+    "alertmanager_port": 9093,
+    "node_exporter_port": 9100,
+    "postgres_exporter_port": 9187,
     "producer_port": 9101,
     "consumer_port": 9102,
     "queue": "weather_queue",
+    "clock": True,
     "database": "weather",
 }
 
@@ -142,7 +153,9 @@ def check_postgresql_roles(machine, p):
 
 def check_loopback_only(machine, p):
     with subtest("the stack's services listen on loopback only"):
-        ports = [p[k] for k in ["pg_port", "amqp_port", "rabbitmq_metrics_port", "prometheus_port", "producer_port", "consumer_port"]]
+        keys = ["pg_port", "amqp_port", "rabbitmq_metrics_port", "prometheus_port", "alertmanager_port",
+                "node_exporter_port", "postgres_exporter_port", "producer_port", "consumer_port"]
+        ports = [p[k] for k in keys]
         for port in ports + p.get("more_ports", []):
             machine.wait_for_open_port(port)
             listening = machine.succeed(f"ss -ltnH 'sport = :{port}' | awk '{{ print $4 }}'").split()
@@ -163,12 +176,20 @@ def check_prometheus(machine, p):
         machine.wait_until_succeeds(
             f"curl -sf http://127.0.0.1:{p['prometheus_port']}/api/v1/targets"
             " | jq -e '[.data.activeTargets[] | .labels.job + \"=\" + .health] | sort"
-            " == [\"consumer=up\", \"producer=up\", \"prometheus=up\", \"rabbitmq=up\"]'",
+            " == [\"alertmanager=up\", \"consumer=up\", \"node=up\", \"postgres=up\", \"producer=up\", \"prometheus=up\", \"rabbitmq=up\"]'",
             timeout=180,
         )
-        for series in PROMETHEUS_SERIES:
+        for series in PROMETHEUS_SERIES + (CLOCK_SERIES if p["clock"] else []):
             machine.wait_until_succeeds(prometheus_query(p, series.format(queue=p["queue"])), timeout=120)
         machine.succeed(f"curl -sf http://127.0.0.1:{p['prometheus_port']}/api/v1/rules | jq -e '.data.groups | length > 0'")
+
+    with subtest("Alertmanager receives SistemaWatchdog (the dead man's switch) from Prometheus"):
+        machine.wait_for_unit("alertmanager.service")
+        machine.wait_until_succeeds(
+            f"curl -sf http://127.0.0.1:{p['alertmanager_port']}/api/v2/alerts"
+            " | jq -e 'any(.[]; .labels.alertname == \"SistemaWatchdog\" and .status.state == \"active\")'",
+            timeout=180,
+        )
 
 
 def check_restarts_lose_nothing(machine, p):
