@@ -48,9 +48,11 @@ let
   # The alert rules with the consumer's queue in their selectors and texts (they name the default,
   # weather_queue): a renamed amqp.queue keeps its alerts. Only a name PromQL and YAML take as it is.
   queueNameOk = builtins.match "[A-Za-z0-9_.:-]+" names.queue != null;
-  alertRules = builtins.replaceStrings [ "weather_queue" ] [ names.queue ] (
-    builtins.readFile ./prometheus/alerts.yml
-  );
+  alertRules =
+    builtins.replaceStrings
+      [ "weather_queue" "weather_dead_letter" ]
+      [ names.queue names.dead_letter_queue ]
+      (builtins.readFile ./prometheus/alerts.yml);
   toml = pkgs.formats.toml { };
   consumerExe = lib.getExe' top.consumer.package "consumer";
   topologyKeys = [
@@ -509,7 +511,7 @@ in
         readOnly = true;
         internal = true;
         default = alertRules;
-        description = "nixos/prometheus/alerts.yml with the consumer's `amqp.queue` in place of weather_queue (for CI).";
+        description = "nixos/prometheus/alerts.yml with the consumer's `amqp.queue` and `amqp.dead_letter_queue` in place of weather_queue and weather_dead_letter (for CI).";
       };
     };
 
