@@ -946,6 +946,9 @@ in
               vhost = [ "/" ];
             };
           }
+          # The node's alarms and headroom, from the aggregated /metrics (rabbitmq_alarms_* is
+          # served only there), as nixos/prometheus/prometheus.yml.
+          ++ job "rabbitmq-node" cfg.prometheus.targets.rabbitmq { }
           ++ job "prometheus" [ (h.hostPort (h.connectAddress prom.listenAddress) prom.port) ] { }
           ++ job "node" cfg.prometheus.targets.node { }
           ++ job "postgres" cfg.prometheus.targets.postgres { };
@@ -1047,7 +1050,8 @@ in
         { services.postgresql.ensureUsers = [ { name = exporterRole; } ]; }
         (lib.optionalAttrs haveExportersModule {
           # exporters/postgres.nix: a static user named like the role (peer authentication, by
-          # pg_hba's `local all all peer`), dataSourceName in DATA_SOURCE_NAME, AF_UNIX only.
+          # pg_hba's `local all all peer`), dataSourceName in DATA_SOURCE_NAME; AF_UNIX added to its
+          # address families.
           services.prometheus.exporters.postgres = {
             enable = true;
             listenAddress = mkDefault "127.0.0.1";

@@ -150,6 +150,7 @@ pub struct ConsumerMetrics {
     pub rejected: IntCounterVec,
     pub duplicates: IntCounter,
     pub conflicting: IntCounter,
+    pub rows_inserted: IntCounter,
     pub pending: IntGauge,
     pub insert_duration: Histogram,
     pub batch_size: Histogram,
@@ -176,12 +177,13 @@ impl ConsumerMetrics {
         let r = Registry::new();
         let m = Self {
             processed: counter(&r, "messages_processed_total", "Readings stored in PostgreSQL and acknowledged (redeliveries of stored readings included)."),
-            per_second: gauge(&r, "messages_per_second", "Readings stored per second, averaged over the last 10 seconds."),
-            memory: int_gauge(&r, "consumer_memory_usage_bytes", "Resident memory of the consumer process (procfs), in bytes."),
+            per_second: gauge(&r, "messages_per_second", "Deprecated, the older system's name: use rate(messages_processed_total[1m]). Readings stored per second, averaged over the last 10 seconds."),
+            memory: int_gauge(&r, "consumer_memory_usage_bytes", "Deprecated, the older system's name: use process_resident_memory_bytes (the same figure). Resident memory of the consumer process (procfs), in bytes."),
             insert_errors: counter_vec(&r, "postgres_insert_errors_total", "Failed attempts to insert a batch into PostgreSQL, by error_type (the journal's ERROR_TYPE).", "error_type"),
             rejected: counter_vec(&r, "messages_rejected_total", "Messages dead-lettered, by reason.", "reason"),
             duplicates: counter(&r, "messages_duplicate_total", "Readings acknowledged without a new row because their message_id was already stored."),
             conflicting: counter(&r, "messages_conflicting_total", "Readings acknowledged without a new row because a different reading with their message_id was stored first (kept); not counted as duplicates."),
+            rows_inserted: counter(&r, "sistema_consumer_rows_inserted_total", "Rows inserted into weather_logs, counted at the commit (a redelivered or republished reading already stored adds none): what the completeness rule compares with the readings confirmed."),
             pending: int_gauge(&r, "consumer_pending_messages", "Messages received and not yet acknowledged."),
             // 0.5 ms, doubling, to about 65 s: above the 20 s statement_timeout.
             insert_duration: histogram(&r, "postgres_insert_duration_seconds", "Time to store one batch, including isolating refused rows.", prometheus::exponential_buckets(0.0005, 2.0, 18).unwrap_or_default()),
@@ -343,7 +345,7 @@ impl ProducerMetrics {
             memory: int_gauge(
                 &r,
                 "producer_memory_usage_bytes",
-                "Resident memory of the producer process (procfs), in bytes.",
+                "Deprecated, not bound by the older system and to be removed: use process_resident_memory_bytes (the same figure). Resident memory of the producer process (procfs), in bytes.",
             ),
             amqp_connection_errors: counter(
                 &r,

@@ -109,6 +109,8 @@ async fn the_same_message_twice_gives_one_row() {
     .await;
     assert_eq!(names.rows().await, 2);
     assert_eq!(deps.metrics.duplicates.get(), 2);
+    // The completeness rule's count of new rows: the duplicates add none.
+    assert_eq!(deps.metrics.rows_inserted.get(), 2);
     assert!(names.stored_ids().await.contains(&id));
     token.cancel();
     consumer.await.unwrap().unwrap();

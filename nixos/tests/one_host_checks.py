@@ -5,6 +5,7 @@
 # files and users were rendered from the module's evaluation. `p` holds what differs between the
 # two: ports (CI uses private ones beside the machine's own servers) and the commands for
 # rabbitmqctl and the AMQP permission probe (amqp-refused.py), which come from different places.
+import json
 import re
 import shlex
 
@@ -17,6 +18,8 @@ PROMETHEUS_SERIES = [
     # postgres_exporter logged in (peer authentication, pg_monitor) and node_exporter's series the
     # host alerts read.
     "pg_up == 1",
+    # The broker's alarms (only on /metrics: the `rabbitmq-node` job).
+    "rabbitmq_alarms_memory_used_watermark",
     "node_filesystem_avail_bytes",
 ]
 # The clock alerts' series: node_exporter's timex collector, which a container may not run
@@ -74,6 +77,25 @@ def confirmed(machine):
     stopped = "journalctl -b -u producer.service -o json MESSAGE=Stopped."
     machine.wait_until_succeeds(f"{stopped} | jq -se 'length == 1'", timeout=60)
     return int(machine.succeed(f"{stopped} | jq -s 'map(.CONFIRMED | tonumber) | add'").strip())
+
+
+PROMQL_WORDS = {"and", "or", "unless", "offset", "bool", "by", "without", "on", "ignoring", "group_left", "group_right", "inf", "nan"}
+
+
+def rule_selectors(expr):
+    """The series selectors of a PromQL expression (`name` or `name{...}`), without the label
+    lists of by/without/on/ignoring/group_*, the ranges, the functions and the selectors inside
+    absent(), which are there to match nothing."""
+    expr = re.sub(r"absent\([^()]*\)", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    found = []
+    for m in re.finditer(r"(?<![0-9.a-zA-Z_:])([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\{[^}]*\})?\s*(\()?", expr):
+        name, matchers, call = m.groups()
+        if call or name in PROMQL_WORDS:
+            continue
+        found.append(name + (matchers or ""))
+    return found
 
 
 def check_units_in_order(machine, p):
@@ -176,12 +198,21 @@ def check_prometheus(machine, p):
         machine.wait_until_succeeds(
             f"curl -sf http://127.0.0.1:{p['prometheus_port']}/api/v1/targets"
             " | jq -e '[.data.activeTargets[] | .labels.job + \"=\" + .health] | sort"
-            " == [\"alertmanager=up\", \"consumer=up\", \"node=up\", \"postgres=up\", \"producer=up\", \"prometheus=up\", \"rabbitmq=up\"]'",
+            " == [\"alertmanager=up\", \"consumer=up\", \"node=up\", \"postgres=up\", \"producer=up\", \"prometheus=up\", \"rabbitmq-node=up\", \"rabbitmq=up\"]'",
             timeout=180,
         )
         for series in PROMETHEUS_SERIES + (CLOCK_SERIES if p["clock"] else []):
             machine.wait_until_succeeds(prometheus_query(p, series.format(queue=p["queue"])), timeout=120)
         machine.succeed(f"curl -sf http://127.0.0.1:{p['prometheus_port']}/api/v1/rules | jq -e '.data.groups | length > 0'")
+
+    with subtest("every selector of every rule matches a live series (a renamed metric or queue would not)"):
+        rules = json.loads(machine.succeed(f"curl -sf http://127.0.0.1:{p['prometheus_port']}/api/v1/rules"))
+        selectors = sorted({sel for g in rules["data"]["groups"] for r in g["rules"] for sel in rule_selectors(r["query"])})
+        assert len(selectors) > 20, selectors
+        skip = () if p["clock"] else tuple(CLOCK_SERIES) + ("node_timex_maxerror_seconds",)
+        for sel in selectors:
+            if not sel.startswith(skip):
+                machine.wait_until_succeeds(prometheus_query(p, sel), timeout=60)
 
     with subtest("Alertmanager receives SistemaWatchdog (the dead man's switch) from Prometheus"):
         machine.wait_for_unit("alertmanager.service")

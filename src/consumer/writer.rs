@@ -192,6 +192,7 @@ impl Writer {
                 Ok(stored) => {
                     let accepted = (rows.len() - stored.rejected.len()) as u64;
                     let conflicting = stored.conflicting.len() as u64;
+                    self.metrics.rows_inserted.inc_by(stored.inserted);
                     self.metrics.duplicates.inc_by(
                         accepted
                             .saturating_sub(stored.inserted)
