@@ -30,6 +30,42 @@ pub fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// The tests need the real servers; on a machine where one does not answer, every test that
+/// needs it fails at once with this one line (what to start, and how), instead of a connection
+/// error or a timeout. Checked once per test binary.
+pub fn require_servers() {
+    static CHECKED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let result = CHECKED.get_or_init(|| {
+        for (what, url, var) in [
+            ("RabbitMQ", amqp_url(), "TEST_AMQP_URL"),
+            ("PostgreSQL", pg_url(), "TEST_PG_URL"),
+        ] {
+            let parsed = Url::parse(&url).map_err(|e| format!("{var}: {e}"))?;
+            let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
+            let port = parsed.port_or_known_default().unwrap_or(match what {
+                "RabbitMQ" => 5672,
+                _ => 5432,
+            });
+            let answers = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                .ok()
+                .and_then(|mut a| a.next())
+                .is_some_and(|a| {
+                    std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()
+                });
+            if !answers {
+                return Err(format!(
+                    "{what} does not answer on {host}:{port}: run `scripts/services up` (starts \
+                     the local RabbitMQ and PostgreSQL, installing them if needed), or set {var}"
+                ));
+            }
+        }
+        Ok(())
+    });
+    if let Err(line) = result {
+        panic!("{line}");
+    }
+}
+
 /// `test-<what>-<10 random characters>`, lowercase.
 pub fn unique_name(what: &str) -> String {
     let r = Alphanumeric
@@ -82,6 +118,7 @@ pub fn cleanup(fut: impl Future<Output = ()> + Send + 'static) {
 }
 
 pub async fn pg_client(url: &str) -> tokio_postgres::Client {
+    require_servers();
     let (client, conn) = tokio_postgres::connect(url, NoTls)
         .await
         .expect("connect to PostgreSQL");
@@ -102,6 +139,7 @@ pub struct Names {
 
 impl Names {
     pub fn new(what: &str) -> Self {
+        require_servers();
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
         use tracing_subscriber::Layer;
@@ -359,6 +397,7 @@ pub struct Client {
 
 impl Client {
     pub async fn connect() -> Self {
+        require_servers();
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .unwrap();

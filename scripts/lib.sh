@@ -1,0 +1,24 @@
+# Sourced by scripts/* and .ci/*: small shell helpers written once.
+
+# port_open PORT: something answers on 127.0.0.1:PORT.
+port_open() { timeout 1 bash -c "</dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: polls every 0.5 s until COMMAND succeeds.
+wait_for() {
+  local limit=$1 what=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  while ! "$@"; do
+    if [ "$SECONDS" -ge "$deadline" ]; then echo "timed out after ${limit}s waiting for $what" >&2; return 1; fi
+    sleep 0.5
+  done
+}
+
+# need_apt COMMAND:PACKAGE...: installs (Debian) the packages whose command is missing.
+need_apt() {
+  local missing=()
+  for spec in "$@"; do command -v "${spec%%:*}" >/dev/null || missing+=("${spec#*:}"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
