@@ -22,3 +22,10 @@ need_apt() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 }
+
+# need_pika: Debian's python3-pika for /usr/bin/python3 (the CI scripts' independent AMQP client).
+need_pika() {
+  /usr/bin/python3 -c 'import pika' 2>/dev/null && return 0
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pika >/dev/null
+}
