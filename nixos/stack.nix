@@ -1,6 +1,6 @@
 # services.sistema-mensajes.stack: what the daemons run on, provisioned for them. `stack.enable`
 # turns on every part on this host; each part can be turned off to use an existing server, and
-# the parts can be spread over hosts (README, "NixOS").
+# the parts can be spread over hosts (docs/nixos.md).
 #
 # Least privilege: each daemon has its own broker user, which may neither declare nor delete
 # anything (`consumer declare-topology` does that once, as a separate topology user) and only
@@ -283,6 +283,34 @@ let
   exporterTarget = e: h.hostPort (h.connectAddress exporter.${e}.listenAddress) exporter.${e}.port;
   # postgres_exporter's role: pg_monitor, nothing else (the grants unit grants it).
   exporterRole = "postgres-exporter";
+  # The exporters' jobs this Prometheus scrapes: SistemaTargetMissing for them too, in a rule file
+  # of their own (nixos/prometheus/alerts.yml names only the jobs every deployment has).
+  exporterJobs = lib.filter (j: cfg.prometheus.targets.${j} != [ ]) [
+    "node"
+    "postgres"
+  ];
+  exporterRules = builtins.toJSON {
+    groups = [
+      {
+        name = "sistema-mensajes-exporters";
+        rules = map (j: {
+          alert = "SistemaTargetMissing";
+          expr = "absent(up{job=\"${j}\"})";
+          for = "10m";
+          # The job as a label too: one alert per job (promtool refuses two rules alike).
+          labels = {
+            severity = "critical";
+            job = j;
+          };
+          annotations = {
+            runbook_url = "https://github.com/sistema-mensajes/sistema-mensajes/blob/main/docs/runbooks/SistemaTargetMissing.md";
+            summary = "Prometheus has no {{ $labels.job }} target at all.";
+            description = "For 10 minutes Prometheus has had no target of job {{ $labels.job }}: not down, absent, so every alert on its series is silent. Check /api/v1/targets and the NixOS stack's `prometheus.targets`.";
+          };
+        }) exporterJobs;
+      }
+    ];
+  };
   # Secrets reach alertmanager.service (DynamicUser) as credentials: PID 1 reads the files, as
   # root, and the configuration names the copies (Alertmanager reads `*_file` fields when it
   # sends, so `amtool check-config` at build time does not need them).
@@ -513,6 +541,13 @@ in
         default = alertRules;
         description = "nixos/prometheus/alerts.yml with the consumer's `amqp.queue` and `amqp.dead_letter_queue` in place of weather_queue and weather_dead_letter (for CI).";
       };
+      exporterRules = mkOption {
+        type = types.str;
+        readOnly = true;
+        internal = true;
+        default = exporterRules;
+        description = "SistemaTargetMissing for the exporters' jobs this Prometheus scrapes (for CI).";
+      };
     };
 
     alertmanager = {
@@ -669,7 +704,7 @@ in
           # /metrics stays cheap and is what broker-level alerting scrapes: the resource alarms
           # (rabbitmq_alarms_*) and the node's memory, disk space and file descriptors.
           # A reading is a few hundred bytes; RabbitMQ's default allows 128 MiB a message, which a
-          # consumer must hold in memory whole before it can even reject it (README, "Memory").
+          # consumer must hold in memory whole before it can even reject it (docs/scaling.md, "Memory").
           "max_message_size" = toString (1024 * 1024);
         }
         # The listener's interface, as rabbitmq.nix sets `management.tcp.ip` for the management
@@ -954,7 +989,12 @@ in
           ++ job "postgres" cfg.prometheus.targets.postgres { };
         # nixos/prometheus/alerts.yml with this deployment's queue, checked by promtool when the
         # system is built.
-        ruleFiles = [ (pkgs.writeText "sistema-mensajes-alerts.yml" alertRules) ];
+        ruleFiles = [
+          (pkgs.writeText "sistema-mensajes-alerts.yml" alertRules)
+        ]
+        ++ lib.optional (exporterJobs != [ ]) (
+          pkgs.writeText "sistema-mensajes-exporter-alerts.yml" exporterRules
+        );
       };
       assertions = [
         {
