@@ -150,7 +150,7 @@ in
     settings = mkOption {
       default = { };
       description = ''
-        The daemon's configuration (README, "Configuration"), written to a TOML file in the store
+        The daemon's configuration (docs/configuration.md), written to a TOML file in the store
         and passed with `--config`. Any key of the daemon's config may be set; the daemon rejects
         unknown ones (exit 78). No passwords here: see `credentials` (a URL holding a password, or
         a `*password_file` in the store, fails evaluation). `metrics.listen` is set from

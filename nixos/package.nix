@@ -57,8 +57,9 @@ let
     # The tests in debug (see above): the release build is the installed one; the tests need no
     # LTO, and .ci/check-nix runs this very set, in debug.
     checkType = "debug";
-    # The sandbox has no RabbitMQ or PostgreSQL: skip the tests that need them, by name (README,
-    # "NixOS"). --exact: a name skips that test only, not every test containing it.
+    # The sandbox has no RabbitMQ or PostgreSQL: skip the tests that need them, by name
+    # (docs/nixos.md, "Tests in the Nix build"). --exact: a name skips that test only, not every
+    # test containing it.
     checkFlags = [
       "--exact"
     ]
