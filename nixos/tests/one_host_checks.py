@@ -212,7 +212,9 @@ def check_prometheus(machine, p):
         skip = () if p["clock"] else tuple(CLOCK_SERIES) + ("node_timex_maxerror_seconds",)
         for sel in selectors:
             if not sel.startswith(skip):
-                machine.wait_until_succeeds(prometheus_query(p, sel), timeout=60)
+                # A recording rule has a value from its first evaluation with data: up to two of
+                # the stack's evaluation intervals (1 min by default) after the scrapes begin.
+                machine.wait_until_succeeds(prometheus_query(p, sel), timeout=180)
 
     with subtest("Alertmanager receives SistemaWatchdog (the dead man's switch) from Prometheus"):
         machine.wait_for_unit("alertmanager.service")
