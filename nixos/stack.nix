@@ -209,6 +209,16 @@ let
       internal = true;
       description = "The settings `consumer ${what}` gets (generated).";
     };
+  # A generated text, exposed read-only so that CI can check it (promtool, the box).
+  generatedText =
+    description: value:
+    mkOption {
+      type = types.str;
+      default = value;
+      readOnly = true;
+      internal = true;
+      inherit description;
+    };
   # A role's password for TCP logins, from a credential. PostgreSQL may log statements, so only
   # the SCRAM-SHA-256 verifier (`consumer hash-password`) goes into SQL, never the password; it
   # reaches psql on stdin, not on a command line.
@@ -534,20 +544,8 @@ in
               exporterTarget "postgres"
             );
           };
-      rules = mkOption {
-        type = types.str;
-        readOnly = true;
-        internal = true;
-        default = alertRules;
-        description = "nixos/prometheus/alerts.yml with the consumer's `amqp.queue` and `amqp.dead_letter_queue` in place of weather_queue and weather_dead_letter (for CI).";
-      };
-      exporterRules = mkOption {
-        type = types.str;
-        readOnly = true;
-        internal = true;
-        default = exporterRules;
-        description = "SistemaTargetMissing for the exporters' jobs this Prometheus scrapes (for CI).";
-      };
+      rules = generatedText "nixos/prometheus/alerts.yml with the consumer's `amqp.queue` and `amqp.dead_letter_queue` in place of weather_queue and weather_dead_letter." alertRules;
+      exporterRules = generatedText "SistemaTargetMissing for the exporters' jobs this Prometheus scrapes." exporterRules;
     };
 
     alertmanager = {
