@@ -96,6 +96,14 @@ struct Args {
     /// drain: what a scrape flood costs the pipeline (compare its ratio with a run without).
     #[arg(long, default_value_t = 0)]
     metrics_flood: usize,
+    /// Our daemons over TLS (`.ci/tls-bench` passes both): each repetition then drains with our
+    /// consumer and publishes with our producer over plain text, over TLS, and over plain text
+    /// again, on the same servers, and reports TLS against the mean of the two plain runs. No
+    /// ceilings, COPY or latency runs.
+    #[arg(long, requires = "tls_pg")]
+    tls_amqp: Option<String>,
+    #[arg(long, requires = "tls_amqp")]
+    tls_pg: Option<String>,
     /// Ignored: cargo bench passes it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -378,8 +386,8 @@ async fn minimal_drain(amqp: String, pg: String, names: Names, n: usize, prefetc
     conn.close(200, "".into()).await.unwrap();
 }
 
-/// The three ways a queue is drained.
-#[derive(Clone, Copy)]
+/// The ways a queue is drained.
+#[derive(Clone, Copy, PartialEq)]
 enum Drain {
     /// The broker's ceiling: [`bare_drain`].
     Bare,
@@ -387,6 +395,8 @@ enum Drain {
     Minimal,
     /// Our consumer.
     Ours,
+    /// Our consumer over TLS (`--tls-amqp`, `--tls-pg`).
+    OursTls,
 }
 
 /// How long our consumer may take to store `n` readings before the run fails: 10 minutes, or
@@ -400,12 +410,14 @@ fn drain_limit(n: usize) -> Duration {
 /// PostgreSQL counts all its processes, and through the postmaster's `cutime` also backends that
 /// have exited; the broker is `beam.smp`; the daemons are the harness's own children.
 const PROCESSES: [&str; 5] = ["broker", "postgres", "consumer", "producer", "bench"];
-const PHASES: [(&str, &str); 5] = [
+const PHASES: [(&str, &str); 7] = [
     ("bare_drain", "broker ceiling: bare drain"),
     ("minimal_drain", "pipeline ceiling: minimal pipeline"),
     ("consumer_drain", "our consumer drain"),
     ("bare_publish", "bare publisher"),
     ("producer", "our producer"),
+    ("consumer_tls_drain", "our consumer drain over TLS"),
+    ("producer_tls", "our producer over TLS"),
 ];
 
 #[derive(Clone, Default)]
@@ -527,10 +539,15 @@ fn wait_peak(mut child: std::process::Child) -> (i32, u64) {
     }
 }
 
-fn daemon_env(args: &Args, names: &Names) -> Vec<(String, String)> {
+/// The daemons' environment; `tls`: with the `--tls-*` URLs.
+fn daemon_env(args: &Args, names: &Names, tls: bool) -> Vec<(String, String)> {
+    let (amqp, pg) = match (tls, &args.tls_amqp, &args.tls_pg) {
+        (true, Some(amqp), Some(pg)) => (amqp.clone(), pg.clone()),
+        _ => (args.amqp.clone(), args.pg.clone()),
+    };
     let mut v = Vec::new();
     for p in ["CONSUMER", "PRODUCER"] {
-        v.push((format!("{p}_AMQP__URL"), args.amqp.clone()));
+        v.push((format!("{p}_AMQP__URL"), amqp.clone()));
         v.push((format!("{p}_AMQP__EXCHANGE"), names.exchange()));
         v.push((format!("{p}_AMQP__QUEUE"), names.queue()));
         v.push((format!("{p}_AMQP__ROUTING_KEY"), names.key()));
@@ -546,7 +563,7 @@ fn daemon_env(args: &Args, names: &Names) -> Vec<(String, String)> {
         v.push((format!("{p}_AMQP__PREFETCH"), args.prefetch.to_string()));
         v.push((format!("{p}_LOG__LEVEL"), "warn,lapin::channels=off".into()));
     }
-    v.push(("CONSUMER_POSTGRES__URL".into(), args.pg.clone()));
+    v.push(("CONSUMER_POSTGRES__URL".into(), pg));
     v.push((
         "CONSUMER_POSTGRES__SCHEMA".into(),
         names.schema().to_owned(),
@@ -559,11 +576,11 @@ fn daemon_env(args: &Args, names: &Names) -> Vec<(String, String)> {
 }
 
 /// Our producer publishes N readings as fast as confirms allow. Returns (readings/s, peak RSS).
-fn our_publish(args: &Args, names: &Names, n: usize, rate: Option<u64>) -> (f64, u64) {
+fn our_publish(args: &Args, names: &Names, n: usize, rate: Option<u64>, tls: bool) -> (f64, u64) {
     let started = Instant::now();
     let child = Command::new(PRODUCER)
         .args(["--count", &n.to_string()])
-        .envs(daemon_env(args, names))
+        .envs(daemon_env(args, names, tls))
         .env("PRODUCER_SIMULATION__RATE", rate.unwrap_or(0).to_string())
         .env("PRODUCER_METRICS__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
@@ -595,11 +612,11 @@ fn processed(port: u16) -> Option<u64> {
 }
 
 /// Starts our consumer; returns the child and its metrics port once /metrics answers.
-fn start_consumer(args: &Args, names: &Names) -> (std::process::Child, u16, SystemTime) {
+fn start_consumer(args: &Args, names: &Names, tls: bool) -> (std::process::Child, u16, SystemTime) {
     let port = free_port();
     let started = SystemTime::now();
     let child = Command::new(CONSUMER)
-        .envs(daemon_env(args, names))
+        .envs(daemon_env(args, names, tls))
         .env("CONSUMER_METRICS__LISTEN", format!("127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .spawn()
@@ -824,7 +841,11 @@ async fn main() {
         let (mut minimal, mut minimal_steady) = (Vec::new(), Vec::new());
         let (mut ours_rate, mut ours_steady, mut consumer_rss) = (0.0, 0.0, 0);
         let (mut bare_cpu, mut minimal_cpu, mut our_cpu) = (Vec::new(), Vec::new(), 0.0);
-        let drains: &[Drain] = if args.skip_bare {
+        let (mut plain_rates, mut tls_rate) = (Vec::new(), 0.0);
+        let tls = args.tls_amqp.is_some();
+        let drains: &[Drain] = if tls {
+            &[Drain::Ours, Drain::OursTls, Drain::Ours]
+        } else if args.skip_bare {
             &[Drain::Minimal, Drain::Ours, Drain::Minimal]
         } else {
             &[
@@ -872,27 +893,79 @@ async fn main() {
                     minimal.push(n as f64 / elapsed.as_secs_f64());
                     minimal_steady.push(steady_rate(n, first_commit, last_commit));
                 }
-                Drain::Ours => {
-                    let (child, port, started) = start_consumer(&args, &names);
+                Drain::Ours | Drain::OursTls => {
+                    let over_tls = drain == Drain::OursTls;
+                    let (child, port, started) = start_consumer(&args, &names, over_tls);
                     let flood = Flood::start(port, args.metrics_flood);
                     wait_processed(port, n as u64, drain_limit(n));
                     let scrapes = flood.stop();
                     if args.metrics_flood > 0 {
                         s.push("metrics_flood_scrapes", scrapes as f64);
                     }
-                    our_cpu = s.phase_cpu("consumer_drain", cpu, n);
+                    let phase = if over_tls {
+                        "consumer_tls_drain"
+                    } else {
+                        "consumer_drain"
+                    };
+                    let cpu = s.phase_cpu(phase, cpu, n);
                     let (first_commit, last_commit) = commits(&pg, &names).await;
                     let elapsed = last_commit.duration_since(started).unwrap();
                     s.push(
                         "consumer_first_commit_ms",
                         first_commit.duration_since(started).unwrap().as_secs_f64() * 1e3,
                     );
-                    ours_rate = n as f64 / elapsed.as_secs_f64();
-                    ours_steady = steady_rate(n, first_commit, last_commit);
-                    consumer_rss = stop(child);
+                    let rate = n as f64 / elapsed.as_secs_f64();
+                    let rss = stop(child);
+                    if over_tls {
+                        tls_rate = rate;
+                        s.push("consumer_tls_drain_per_s", rate);
+                        s.push("consumer_tls_peak_rss_mib", rss as f64 / 1048576.0);
+                    } else {
+                        plain_rates.push(rate);
+                        (our_cpu, ours_rate, consumer_rss) = (cpu, rate, rss);
+                        ours_steady = steady_rate(n, first_commit, last_commit);
+                    }
                 }
             }
             cleanup(&amqp, &pg, &names).await;
+        }
+        if tls {
+            s.push("consumer_tls_vs_plain", tls_rate / mean(&plain_rates));
+            s.push("consumer_drain_per_s", mean(&plain_rates));
+            s.push("consumer_peak_rss_mib", consumer_rss as f64 / 1048576.0);
+            eprintln!(
+                "rep {rep}: consumer over TLS {tls_rate:.0}/s vs plain {:.0}/s ({:.2})",
+                mean(&plain_rates),
+                tls_rate / mean(&plain_rates)
+            );
+            let (mut plain, mut over_tls) = (Vec::new(), 0.0);
+            for tls in [false, true, false] {
+                let names = Names::new("publish");
+                declare(&ch, &names, &args.queue_type).await;
+                quiesce();
+                let cpu = Cpu::now();
+                let (rate, rss) = our_publish(&args, &names, n, None, tls);
+                s.phase_cpu(if tls { "producer_tls" } else { "producer" }, cpu, n);
+                match tls {
+                    true => {
+                        over_tls = rate;
+                        s.push("producer_tls_peak_rss_mib", rss as f64 / 1048576.0);
+                    }
+                    false => {
+                        plain.push(rate);
+                        s.push("producer_peak_rss_mib", rss as f64 / 1048576.0);
+                    }
+                }
+                cleanup(&amqp, &pg, &names).await;
+            }
+            s.push("producer_tls_vs_plain", over_tls / mean(&plain));
+            s.push("producer_publish_per_s", mean(&plain));
+            eprintln!(
+                "rep {rep}: producer over TLS {over_tls:.0}/s vs plain {:.0}/s ({:.2})",
+                mean(&plain),
+                over_tls / mean(&plain)
+            );
+            continue;
         }
         let (bare, minimal, ours) = (mean(&bare), mean(&minimal), ours_rate);
         s.push("consumer_cpu_ratio", mean(&bare_cpu) / our_cpu);
@@ -932,7 +1005,7 @@ async fn main() {
             quiesce();
             let cpu = Cpu::now();
             if ours {
-                (our_pub, producer_rss) = our_publish(&args, &names, n, None);
+                (our_pub, producer_rss) = our_publish(&args, &names, n, None, false);
                 our_cpu = s.phase_cpu("producer", cpu, n);
             } else {
                 bare_pub.push(alone(bare_publish(
@@ -967,14 +1040,18 @@ async fn main() {
         );
     }
     let mut latency = Vec::new();
-    let rates: &[u64] = if args.drain_only { &[] } else { &args.rates };
+    let rates: &[u64] = if args.drain_only || args.tls_amqp.is_some() {
+        &[]
+    } else {
+        &args.rates
+    };
     for &rate in rates {
         let names = Names::new("latency");
         let ch = amqp.create_channel().await.unwrap();
         declare(&ch, &names, &args.queue_type).await;
-        let (child, port, _) = start_consumer(&args, &names);
+        let (child, port, _) = start_consumer(&args, &names, false);
         let count = (rate * args.latency_secs) as usize;
-        let (achieved, _) = our_publish(&args, &names, count, Some(rate));
+        let (achieved, _) = our_publish(&args, &names, count, Some(rate), false);
         wait_processed(port, count as u64, Duration::from_secs(120));
         stop(child);
         let row = pg
@@ -1051,8 +1128,33 @@ async fn main() {
             "consumer start → first row written (ms)",
             "",
         ),
-        ("consumer_peak_rss_mib", "consumer peak RSS (MiB)", "≤ 20"),
-        ("producer_peak_rss_mib", "producer peak RSS (MiB)", "≤ 8"),
+        ("consumer_peak_rss_mib", "consumer peak RSS (MiB)", "≤ 12"),
+        ("producer_peak_rss_mib", "producer peak RSS (MiB)", "≤ 10"),
+        (
+            "consumer_tls_vs_plain",
+            "consumer drain over TLS / plain text",
+            "≥ 0.85",
+        ),
+        (
+            "producer_tls_vs_plain",
+            "producer over TLS / plain text",
+            "≥ 0.85",
+        ),
+        (
+            "consumer_tls_drain_per_s",
+            "consumer drain over TLS (readings/s)",
+            "",
+        ),
+        (
+            "consumer_tls_peak_rss_mib",
+            "consumer peak RSS over TLS (MiB)",
+            "≤ 12",
+        ),
+        (
+            "producer_tls_peak_rss_mib",
+            "producer peak RSS over TLS (MiB)",
+            "≤ 10",
+        ),
     ];
     println!(
         "\n| figure ({} queue, N={n}, {} reps) | min | median | max | target |",

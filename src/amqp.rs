@@ -54,12 +54,31 @@ impl AmqpError {
         }
     }
 
+    /// The TLS check that failed, if the connection failed in its TLS handshake.
+    pub fn tls_check(&self) -> Option<&'static str> {
+        match self {
+            AmqpError::Lapin(e) => lapin_tls_check(e),
+            _ => None,
+        }
+    }
+
     /// For the status line.
     pub fn problem(&self) -> String {
+        if let Some(check) = self.tls_check() {
+            return format!("TLS to RabbitMQ failed: {check}: {self}");
+        }
         match self.is_refusal() {
             true => format!("RabbitMQ refuses our topology: {self}"),
             false => format!("broker unreachable: {self}"),
         }
+    }
+}
+
+/// The TLS check a lapin error reports as failed (its I/O error wraps rustls's).
+pub fn lapin_tls_check(e: &lapin::Error) -> Option<&'static str> {
+    match e.kind() {
+        lapin::ErrorKind::IOError(io) => crate::tls::failed_check(io.as_ref()),
+        _ => crate::tls::failed_check(e),
     }
 }
 
@@ -156,17 +175,136 @@ pub fn is_frame_too_large(e: &lapin::Error) -> bool {
 
 /// Connects; `name` shows in the RabbitMQ management UI. The URI holds the password: never log it.
 /// `frame_max`: `None` for the URL's `?frame_max=`, else [`FRAME_MAX`]; `Some` forces a size.
+/// With `amqps://`, the TLS client of [`tls_client`], its files read anew at every connection.
 pub async fn connect(
     uri: &Secret,
     name: &str,
     frame_max: Option<u32>,
 ) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let uri = parse_uri(uri.expose(), frame_max).map_err(|e| {
-        let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
-        lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(invalid)))
-    })?;
-    Connection::connect_uri(uri, props).await
+    let io_error =
+        |e: std::io::Error| lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(e)));
+    let invalid = |e: String| io_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e));
+    let parsed = parse_uri(uri.expose(), frame_max).map_err(invalid)?;
+    let url = url::Url::parse(uri.expose()).map_err(|e| invalid(e.to_string()))?;
+    let tls = match tls_client(&url).map_err(invalid)? {
+        None => None,
+        Some(client) => {
+            let config = client.config.config().map_err(|e| invalid(e.to_string()))?;
+            let connector = lapin::tcp::RustlsConnector::from(std::sync::Arc::new(config));
+            Some((connector, client.server_name))
+        }
+    };
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connector(
+        parsed,
+        runtime,
+        async move |uri: lapin::uri::AMQPUri, runtime: async_rs::TokioRuntime| {
+            let addr = runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
+            let stream = lapin::tcp::AsyncTcpStream::connect(&runtime, addr)
+                .await
+                .map_err(io_error)?;
+            match &tls {
+                None => Ok(stream),
+                Some((connector, name)) => {
+                    stream.into_rustls(connector, name).await.map_err(io_error)
+                }
+            }
+        },
+        props,
+    )
+    .await
+}
+
+/// The TLS side of an `amqps://` URL, with the query parameters RabbitMQ documents for its clients.
+#[derive(Debug)]
+pub struct TlsClient {
+    pub config: crate::tls::Client,
+    /// The name sent (SNI) and checked in the certificate: `server_name_indication`, else the host.
+    pub server_name: String,
+}
+
+/// RabbitMQ's names for the files (<https://www.rabbitmq.com/docs/uri-query-parameters>).
+pub const TLS_KEYS: crate::tls::Keys = crate::tls::Keys {
+    ca: "cacertfile",
+    cert: "certfile",
+    key: "keyfile",
+};
+
+/// The TLS client an `amqps://` URL asks for (`None` for `amqp://`). The server's certificate is
+/// always checked, chain and name: `verify=verify_none` is refused, as is any TLS parameter on a
+/// plain `amqp://` URL (it would protect nothing), and `auth_mechanism=external` needs a client
+/// certificate. The error names the parameter; it never holds the URL.
+pub fn tls_client(url: &url::Url) -> Result<Option<TlsClient>, String> {
+    let mut client = crate::tls::Client {
+        verify: crate::tls::Verify::Full,
+        ca: None,
+        cert: None,
+        key: None,
+        keys: TLS_KEYS,
+    };
+    let mut server_name = None;
+    let mut external = false;
+    let mut tls_parameter = None;
+    for (k, v) in url.query_pairs() {
+        let path = || Some(std::path::PathBuf::from(v.as_ref()));
+        match k.as_ref() {
+            "cacertfile" => client.ca = path(),
+            "certfile" => client.cert = path(),
+            "keyfile" => client.key = path(),
+            "server_name_indication" if v == "disable" || v.is_empty() => {
+                return Err("`server_name_indication` must name the host the certificate is for; `disable` is not supported".into())
+            }
+            "server_name_indication" => server_name = Some(v.clone().into_owned()),
+            "verify" if v == "verify_peer" => {}
+            "verify" => {
+                return Err(format!(
+                    "`verify={v}` is refused: the broker's certificate is always checked (use `verify_peer` or leave it out), since without that the password goes to whoever answers"
+                ))
+            }
+            "password" => {
+                return Err("`password` (of a PKCS#12 file) is not supported: give `certfile` and `keyfile` as PEM files, the key unencrypted and readable only by the daemon".into())
+            }
+            "auth_mechanism" => external = v.eq_ignore_ascii_case("external"),
+            _ => continue,
+        }
+        if k != "auth_mechanism" {
+            tls_parameter.get_or_insert(k.into_owned());
+        }
+    }
+    if url.scheme() != "amqps" {
+        if let Some(k) = tls_parameter {
+            return Err(format!(
+                "`{k}` applies only to `amqps://` URLs; this one is plain `amqp://`"
+            ));
+        }
+        if external {
+            return Err(
+                "`auth_mechanism=external` logs in with a client certificate: it needs `amqps://`"
+                    .into(),
+            );
+        }
+        return Ok(None);
+    }
+    if external && client.cert.is_none() {
+        return Err("`auth_mechanism=external` logs in with a client certificate: it needs `certfile` and `keyfile`".into());
+    }
+    client.check()?;
+    let server_name = match server_name {
+        Some(name) => name,
+        None => match url.host() {
+            Some(url::Host::Domain(d)) => percent_decode(d),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            None => return Err("the URL names no host".into()),
+        },
+    };
+    rustls::pki_types::ServerName::try_from(server_name.as_str())
+        .map_err(|_| format!("`{server_name}` is not a host name TLS can check"))?;
+    Ok(Some(TlsClient {
+        config: client,
+        server_name,
+    }))
 }
 
 /// The URI lapin connects with. amq-protocol-uri takes the host from `Url::domain()`, which is

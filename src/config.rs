@@ -515,14 +515,8 @@ fn validate_common(
     retry: &RetryConfig,
     log: &LogConfig,
 ) -> Result<(), ConfigError> {
-    if amqp.url.scheme() == "amqps" {
-        // lapin is built without TLS (it doubled the daemons' code, and their resident memory).
-        return Err(invalid(
-            "amqp.url",
-            "`amqps` (TLS) is not supported yet; use `amqp://` on a trusted network",
-        ));
-    }
-    validate_url("amqp.url", &amqp.url, &["amqp"])?;
+    validate_url("amqp.url", &amqp.url, &["amqp", "amqps"])?;
+    crate::amqp::tls_client(&amqp.url).map_err(|e| invalid("amqp.url", e))?;
     if amqp.prefetch == 0 {
         return Err(invalid("amqp.prefetch", "must be at least 1"));
     }
@@ -578,7 +572,13 @@ impl DaemonConfig for ConsumerConfig {
 
     fn check_secrets(&self) -> Result<(), ConfigError> {
         self.amqp.password()?;
-        self.postgres.password().map(|_| ())
+        self.amqp.check_tls_files()?;
+        self.postgres.password()?;
+        check_pg_tls_files("postgres.url", &self.postgres.url)?;
+        if let Some(url) = &self.postgres.owner_url {
+            check_pg_tls_files("postgres.owner_url", url)?;
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -588,8 +588,10 @@ impl DaemonConfig for ConsumerConfig {
             &self.postgres.url,
             &["postgres", "postgresql"],
         )?;
+        crate::db::tls_client(&self.postgres.url).map_err(|e| invalid("postgres.url", e))?;
         if let Some(url) = &self.postgres.owner_url {
             validate_url("postgres.owner_url", url, &["postgres", "postgresql"])?;
+            crate::db::tls_client(url).map_err(|e| invalid("postgres.owner_url", e))?;
         }
         if self.stations.silent_after.is_zero() {
             return Err(invalid("stations.silent_after", "must be above zero"));
@@ -662,7 +664,8 @@ impl DaemonConfig for ProducerConfig {
     const ENV_PREFIX: &'static str = "PRODUCER_";
 
     fn check_secrets(&self) -> Result<(), ConfigError> {
-        self.amqp.password().map(|_| ())
+        self.amqp.password()?;
+        self.amqp.check_tls_files()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -728,7 +731,27 @@ fn credentials_dir() -> Option<PathBuf> {
     std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
 }
 
+/// The TLS files a PostgreSQL URL names can be read and used (at start: a configuration error).
+fn check_pg_tls_files(key: &'static str, url: &Url) -> Result<(), ConfigError> {
+    let (_, client) = crate::db::tls_client(url).map_err(|e| invalid(key, e))?;
+    client.config().map_err(|e| invalid(key, e.to_string()))?;
+    Ok(())
+}
+
 impl AmqpConfig {
+    /// With `amqps://`, the CA, certificate and key files can be read and used.
+    pub fn check_tls_files(&self) -> Result<(), ConfigError> {
+        if let Some(client) =
+            crate::amqp::tls_client(&self.url).map_err(|e| invalid("amqp.url", e))?
+        {
+            client
+                .config
+                .config()
+                .map_err(|e| invalid("amqp.url", e.to_string()))?;
+        }
+        Ok(())
+    }
+
     pub fn password(&self) -> Result<Password, ConfigError> {
         let dir = credentials_dir();
         Ok(secret::load(
@@ -838,6 +861,105 @@ mod tests {
         });
     }
 
+    /// Each TLS parameter that cannot be honoured is refused at start, by name, and never
+    /// silently dropped (which would connect in plain text or unverified).
+    #[test]
+    fn tls_parameters_that_cannot_be_honoured_are_refused_by_name() {
+        let amqp = [
+            ("amqps://h/%2f", "cacertfile"),
+            (
+                "amqps://h/%2f?cacertfile=/ca&verify=verify_none",
+                "verify=verify_none",
+            ),
+            ("amqps://h/%2f?cacertfile=/ca&certfile=/c", "keyfile"),
+            ("amqps://h/%2f?cacertfile=/ca&keyfile=/k", "certfile"),
+            ("amqps://h/%2f?cacertfile=/ca&password=x", "password"),
+            (
+                "amqps://h/%2f?cacertfile=/ca&server_name_indication=disable",
+                "server_name_indication",
+            ),
+            (
+                "amqps://h/%2f?cacertfile=/ca&auth_mechanism=external",
+                "auth_mechanism=external",
+            ),
+            ("amqp://h/%2f?cacertfile=/ca", "cacertfile"),
+            ("amqp://h/%2f?auth_mechanism=external", "amqps"),
+        ];
+        for (url, named) in amqp {
+            let e = crate::amqp::tls_client(&Url::parse(url).unwrap()).unwrap_err();
+            assert!(e.contains(named), "{url}: {e}");
+        }
+        let ok = crate::amqp::tls_client(
+            &Url::parse("amqps://u@[::1]:5671/%2f?cacertfile=/ca&verify=verify_peer").unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (ok.server_name.as_str(), ok.config.verify),
+            ("::1", crate::tls::Verify::Full)
+        );
+        assert!(
+            crate::amqp::tls_client(&Url::parse("amqp://h/%2f?heartbeat=5").unwrap())
+                .unwrap()
+                .is_none()
+        );
+
+        let pg = [
+            ("postgres://h/db?sslmode=allow", "sslmode=allow"),
+            ("postgres://h/db?sslmode=verify-full", "sslrootcert"),
+            ("postgres://h/db?sslmode=verify-ca", "sslrootcert"),
+            ("postgres://h/db?sslmode=require&sslcert=/c", "sslkey"),
+            (
+                "postgres://h/db?sslrootcert=system&sslmode=verify-full",
+                "sslrootcert=system",
+            ),
+            ("postgres://h/db?sslpassword=x", "sslpassword"),
+        ];
+        for (url, named) in pg {
+            let e = crate::db::tls_client(&Url::parse(url).unwrap()).unwrap_err();
+            assert!(e.contains(named), "{url}: {e}");
+        }
+        use crate::tls::Verify;
+        for (url, verify, passed_on) in [
+            ("postgres://h/db", Verify::Nothing, "sslmode=prefer"),
+            (
+                "postgres://h/db?sslmode=disable",
+                Verify::Nothing,
+                "sslmode=disable",
+            ),
+            (
+                "postgres:///db?host=/run/postgresql&sslmode=require",
+                Verify::Nothing,
+                "host=%2Frun%2Fpostgresql&sslmode=disable",
+            ),
+            ("postgres:///db", Verify::Nothing, "sslmode=disable"),
+            (
+                "postgres://h/db?sslmode=require",
+                Verify::Nothing,
+                "sslmode=require",
+            ),
+            (
+                "postgres://h/db?sslmode=require&sslrootcert=/ca",
+                Verify::Chain,
+                "sslmode=require",
+            ),
+            (
+                "postgres://h/db?sslmode=verify-ca&sslrootcert=/ca",
+                Verify::Chain,
+                "sslmode=require",
+            ),
+            (
+                "postgres://h/db?sslmode=verify-full&sslrootcert=/ca&application_name=x",
+                Verify::Full,
+                "application_name=x&sslmode=require",
+            ),
+        ] {
+            let (out, client) = crate::db::tls_client(&Url::parse(url).unwrap()).unwrap();
+            assert_eq!(client.verify, verify, "{url}");
+            assert_eq!(out.query(), Some(passed_on), "{url}");
+        }
+    }
+
     #[test]
     fn bad_values_are_named() {
         Jail::expect_with(|jail| {
@@ -856,7 +978,7 @@ mod tests {
             jail.create_file("c.toml", "[amqp]\nurl = \"amqps://broker/%2f\"\n")?;
             let e = load::<ConsumerConfig>(Some(Path::new("c.toml"))).unwrap_err();
             assert!(
-                e.to_string().contains("amqp.url") && e.to_string().contains("TLS"),
+                e.to_string().contains("amqp.url") && e.to_string().contains("cacertfile"),
                 "{e}"
             );
             jail.create_file("c.toml", "[log]\nlevel = \"info,lapin=loud\"\n")?;

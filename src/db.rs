@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use tracing::{debug, info, warn};
 
 use crate::config::PostgresConfig;
@@ -132,6 +132,9 @@ pub enum DbError {
     Timeout(&'static str, Duration),
     #[error("invalid postgres.url: {0}")]
     Config(#[source] tokio_postgres::Error),
+    /// The URL's TLS parameters, or a file they name, cannot be used.
+    #[error("invalid postgres.url: {0}")]
+    TlsConfig(String),
     #[error("{context}: {}", describe(source))]
     Postgres {
         context: &'static str,
@@ -168,6 +171,7 @@ impl DbError {
         match self {
             DbError::Postgres { source, .. } => source.code().is_some_and(is_data_state),
             DbError::Config(_)
+            | DbError::TlsConfig(_)
             | DbError::Timeout(..)
             | DbError::Systematic(_)
             | DbError::Unsafe(_)
@@ -177,8 +181,9 @@ impl DbError {
 
     /// Every value [`DbError::error_type`] can take (the label values of
     /// `postgres_insert_errors_total`, exported at 0 from the start).
-    pub const ERROR_TYPES: [&'static str; 14] = [
+    pub const ERROR_TYPES: [&'static str; 15] = [
         "config",
+        "tls",
         "timeout",
         "refused_all",
         "migration_pending",
@@ -198,7 +203,7 @@ impl DbError {
     /// one of [`DbError::ERROR_TYPES`].
     pub fn error_type(&self) -> &'static str {
         match self {
-            DbError::Config(_) => "config",
+            DbError::Config(_) | DbError::TlsConfig(_) => "config",
             DbError::Timeout(..) => "timeout",
             DbError::Systematic(_) => "refused_all",
             DbError::NotMigrated { .. } => "migration_pending",
@@ -216,6 +221,7 @@ impl DbError {
                     "migration_failed"
                 }
                 Some(_) => "query_failed",
+                None if crate::tls::failed_check(source).is_some() => "tls",
                 None => "connection",
             },
         }
@@ -240,6 +246,7 @@ impl DbError {
             "permission_denied" => "missing privileges in PostgreSQL",
             "migration_failed" => "a schema migration failed",
             "config" => "postgres.url is invalid",
+            "tls" => "TLS to PostgreSQL failed",
             "refused_all" => "PostgreSQL refuses every reading (a change to weather_logs?)",
             "migration_pending" => "the schema is not migrated",
             "disk_full" => "PostgreSQL's disk is full",
@@ -255,6 +262,12 @@ impl DbError {
 fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());
+    }
+    if let Some(check) = crate::tls::failed_check(e) {
+        return match std::error::Error::source(e) {
+            Some(cause) => format!("{check} ({cause})"),
+            None => check.to_owned(),
+        };
     }
     match std::error::Error::source(e) {
         Some(cause) => format!("{e}: {cause}"),
@@ -559,6 +572,10 @@ async fn session(
     url: &url::Url,
     password: Option<&Secret>,
 ) -> Result<Client, DbError> {
+    let (url, tls) = tls_client(url).map_err(DbError::TlsConfig)?;
+    let tls = tls
+        .config()
+        .map_err(|e| DbError::TlsConfig(e.to_string()))?;
     let mut pg = tokio_postgres::Config::from_str(url.as_str()).map_err(DbError::Config)?;
     if let Some(p) = password {
         pg.password(p.expose());
@@ -571,7 +588,12 @@ async fn session(
             quote_identifier(cfg.schema.as_str()),
             cfg.statement_timeout.as_millis()
         ));
-    let (client, connection) = pg.connect(NoTls).await.map_err(DbError::pg("connect"))?;
+    let (client, connection) = pg
+        .connect(Connector(tokio_postgres_rustls::MakeRustlsConnect::new(
+            tls,
+        )))
+        .await
+        .map_err(DbError::pg("connect"))?;
     // The connection task ends when the client is dropped or the socket closes; the client
     // then reports `is_closed()` and its next query fails, which is how we notice.
     tokio::spawn(async move {
@@ -580,6 +602,105 @@ async fn session(
         }
     });
     Ok(client)
+}
+
+/// tokio-postgres-rustls's connector, for a Unix socket too: tokio-postgres asks for a TLS
+/// connector before it knows it will not need one, with the host name `""` for a socket, which
+/// rustls refuses. It never uses a connector without a host name ("no hostname provided for TLS
+/// handshake"), and [`tls_client`] turns TLS off for sockets, so the stand-in name is never used.
+struct Connector(tokio_postgres_rustls::MakeRustlsConnect);
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for Connector
+where
+    tokio_postgres_rustls::MakeRustlsConnect: tokio_postgres::tls::MakeTlsConnect<S>,
+{
+    type Stream = <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::TlsConnect;
+    type Error =
+        <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let domain = if domain.is_empty() {
+            "localhost"
+        } else {
+            domain
+        };
+        self.0.make_tls_connect(domain)
+    }
+}
+
+/// libpq's names for the files.
+pub const TLS_KEYS: crate::tls::Keys = crate::tls::Keys {
+    ca: "sslrootcert",
+    cert: "sslcert",
+    key: "sslkey",
+};
+
+/// The TLS client a PostgreSQL URL asks for, with libpq's parameters and meanings, and the URL
+/// for tokio-postgres (which knows `sslmode` only up to `require`, and no file parameters):
+/// - `sslmode=disable`: plain text;
+/// - `prefer` (the default, as in libpq): TLS if the server offers it, else plain text;
+/// - `require`: TLS or nothing;
+/// - `verify-ca`: TLS, and the server's certificate signed by `sslrootcert`;
+/// - `verify-full`: that, and issued for the host name.
+///
+/// As in libpq, `prefer` and `require` check the chain when `sslrootcert` is given, and not at
+/// all otherwise. `allow` and `sslrootcert=system` are refused. The error names the parameter.
+pub fn tls_client(url: &url::Url) -> Result<(url::Url, crate::tls::Client), String> {
+    use crate::tls::Verify;
+    let mut client = crate::tls::Client {
+        verify: Verify::Nothing,
+        ca: None,
+        cert: None,
+        key: None,
+        keys: TLS_KEYS,
+    };
+    let mut mode = String::from("prefer");
+    let mut rest = Vec::new();
+    for (k, v) in url.query_pairs() {
+        let path = || Some(std::path::PathBuf::from(v.as_ref()));
+        match k.as_ref() {
+            "sslrootcert" if v == "system" => {
+                return Err("`sslrootcert=system` is not supported: name the CA's file".into())
+            }
+            "sslrootcert" => client.ca = path(),
+            "sslcert" => client.cert = path(),
+            "sslkey" => client.key = path(),
+            "sslpassword" => {
+                return Err("`sslpassword` is not supported: give `sslkey` unencrypted, readable only by the daemon".into())
+            }
+            "sslmode" => mode = v.into_owned(),
+            _ => rest.push((k.into_owned(), v.into_owned())),
+        }
+    }
+    let (verify, tokio_mode) = match mode.as_str() {
+        "disable" => (Verify::Nothing, "disable"),
+        "prefer" | "require" if client.ca.is_some() => (Verify::Chain, mode.as_str()),
+        "prefer" | "require" => (Verify::Nothing, mode.as_str()),
+        "verify-ca" => (Verify::Chain, "require"),
+        "verify-full" => (Verify::Full, "require"),
+        other => {
+            return Err(format!(
+                "`sslmode={other}` is not one of disable, prefer, require, verify-ca, verify-full"
+            ))
+        }
+    };
+    client.verify = verify;
+    client.check()?;
+    // A Unix socket (no host in the URL, or `host=/run/postgresql`) never carries TLS, whatever
+    // sslmode says, as in libpq; tokio-postgres would ask for a TLS connector all the same.
+    let socket_only = url.host_str().is_none_or(str::is_empty)
+        && rest
+            .iter()
+            .filter(|(k, _)| k == "host")
+            .all(|(_, v)| v.split(',').all(|h| h.starts_with('/')));
+    let tokio_mode = if socket_only { "disable" } else { tokio_mode };
+    let mut out = url.clone();
+    out.query_pairs_mut()
+        .clear()
+        .extend_pairs(rest.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .append_pair("sslmode", tokio_mode);
+    Ok((out, client))
 }
 
 /// What `consumer migrate` did.

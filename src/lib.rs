@@ -36,3 +36,4 @@ pub mod silent_stations;
 pub mod station;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;

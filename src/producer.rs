@@ -274,7 +274,9 @@ impl Publisher {
                 |e: &amqp::AmqpError| {
                     metrics.amqp_connection_errors.inc();
                     health.set_problem(Some(e.problem()));
-                    if e.is_refusal() {
+                    if let Some(check) = e.tls_check() {
+                        error!(message = "TLS to RabbitMQ failed; retrying in case the server is fixed.", check, error = %e, error_type = "tls", stage = "receiving");
+                    } else if e.is_refusal() {
                         error!(message = "RabbitMQ refuses our topology; retrying in case it is mended.", error = %e, error_type = "topology_refused", stage = "receiving");
                     }
                 },

@@ -343,3 +343,87 @@ fn a_send_interrupted_before_its_confirm_exits_non_zero() {
         "an unconfirmed send must not exit 0"
     );
 }
+
+/// A TLS file that cannot be used stops either daemon at start (exit 78), naming the URL's key,
+/// the parameter and the path, never the file's content.
+#[test]
+fn a_tls_file_that_cannot_be_used_is_a_configuration_error() {
+    let dir = std::env::temp_dir().join(unique_name("cli-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = "not-a-key-but-secret-4711";
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, secret).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, other_key) = (dir.join("cert.pem"), dir.join("other.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(
+        &other_key,
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let (garbage, cert_file, other_key) = (
+        garbage.display().to_string(),
+        cert_file.display().to_string(),
+        other_key.display().to_string(),
+    );
+    let amqps = |query: &str| format!("amqps://guest@127.0.0.1:1/%2f?{query}");
+    let cases = [
+        (
+            amqps("cacertfile=/nonexistent/ca.pem"),
+            "cacertfile=/nonexistent/ca.pem: cannot read it",
+        ),
+        (
+            amqps(&format!("cacertfile={garbage}")),
+            "holds no certificate",
+        ),
+        (
+            amqps(&format!(
+                "cacertfile={cert_file}&certfile={cert_file}&keyfile={garbage}"
+            )),
+            "holds no private key",
+        ),
+        (
+            amqps(&format!(
+                "cacertfile={cert_file}&certfile={cert_file}&keyfile={other_key}"
+            )),
+            "does not go with certfile",
+        ),
+    ];
+    for (url, expected) in &cases {
+        for (bin, var) in [
+            (CONSUMER, "CONSUMER_AMQP__URL"),
+            (PRODUCER, "PRODUCER_AMQP__URL"),
+        ] {
+            let out = run(bin, &[], &[(var, url)]);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{bin} {url}: {stderr}");
+            assert!(
+                stderr.contains("amqp.url") && stderr.contains(expected),
+                "{bin} {url}: {stderr}"
+            );
+            assert!(!stderr.contains(secret), "{stderr}");
+        }
+    }
+    let out = run(
+        CONSUMER,
+        &[],
+        &[(
+            "CONSUMER_POSTGRES__URL",
+            &format!("postgres://u@127.0.0.1:1/db?sslmode=verify-full&sslrootcert={garbage}"),
+        )],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("postgres.url")
+            && stderr.contains("sslrootcert=")
+            && stderr.contains("holds no certificate"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(secret), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -656,8 +656,13 @@ pub fn sigterm(pid: Option<u32>) {
 /// The producer confirmed all `n` readings and holds none back.
 /// Publishes `n` simulated readings through the producer and checks that all were confirmed.
 pub async fn produce_confirmed(names: &Names, n: u64) {
+    produce_confirmed_via(names, &amqp_url(), n).await
+}
+
+/// [`produce_confirmed`] through the broker at `amqp`.
+pub async fn produce_confirmed_via(names: &Names, amqp: &str, n: u64) {
     let summary = sistema_mensajes::producer::run(
-        names.producer_config_via(&amqp_url()),
+        names.producer_config_via(amqp),
         sistema_mensajes::producer::Mode::Count(n),
         Default::default(),
         tokio_util::sync::CancellationToken::new(),
