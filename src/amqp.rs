@@ -200,15 +200,23 @@ pub async fn connect(
         parsed,
         runtime,
         async move |uri: lapin::uri::AMQPUri, runtime: async_rs::TokioRuntime| {
-            let addr = runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
-            let stream = lapin::tcp::AsyncTcpStream::connect(&runtime, addr)
-                .await
-                .map_err(io_error)?;
-            match &tls {
-                None => Ok(stream),
-                Some((connector, name)) => {
-                    stream.into_rustls(connector, name).await.map_err(io_error)
+            // lapin runs this on its own thread, which nothing cancels: the connect and the
+            // handshake are bounded here, or a peer that never answers would hold it for good.
+            let connected = tokio::time::timeout(BROKER_TIMEOUT, async {
+                let addr =
+                    runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
+                let stream = lapin::tcp::AsyncTcpStream::connect(&runtime, addr).await?;
+                match &tls {
+                    None => Ok(stream),
+                    Some((connector, name)) => stream.into_rustls(connector, name).await,
                 }
+            });
+            match connected.await {
+                Ok(result) => result.map_err(io_error),
+                Err(_) => Err(io_error(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no TCP connection and TLS handshake within {BROKER_TIMEOUT:?}"),
+                ))),
             }
         },
         props,
@@ -246,16 +254,28 @@ pub fn tls_client(url: &url::Url) -> Result<Option<TlsClient>, String> {
     let mut server_name = None;
     let mut external = false;
     let mut tls_parameter = None;
-    for (k, v) in url.query_pairs() {
-        let path = || Some(std::path::PathBuf::from(v.as_ref()));
-        match k.as_ref() {
+    let params = crate::tls::query_parameters(url);
+    let ours = [
+        "cacertfile",
+        "certfile",
+        "keyfile",
+        "server_name_indication",
+        "verify",
+        "auth_mechanism",
+    ];
+    if let Some(k) = crate::tls::repeated(&params, &ours) {
+        return Err(format!("`{k}` is given twice"));
+    }
+    for (k, v, _) in params {
+        let path = || Some(std::path::PathBuf::from(&v));
+        match k.as_str() {
             "cacertfile" => client.ca = path(),
             "certfile" => client.cert = path(),
             "keyfile" => client.key = path(),
             "server_name_indication" if v == "disable" || v.is_empty() => {
                 return Err("`server_name_indication` must name the host the certificate is for; `disable` is not supported".into())
             }
-            "server_name_indication" => server_name = Some(v.clone().into_owned()),
+            "server_name_indication" => server_name = Some(v.clone()),
             "verify" if v == "verify_peer" => {}
             "verify" => {
                 return Err(format!(
@@ -269,7 +289,7 @@ pub fn tls_client(url: &url::Url) -> Result<Option<TlsClient>, String> {
             _ => continue,
         }
         if k != "auth_mechanism" {
-            tls_parameter.get_or_insert(k.into_owned());
+            tls_parameter.get_or_insert(k);
         }
     }
     if url.scheme() != "amqps" {

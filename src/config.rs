@@ -313,6 +313,22 @@ impl RetryConfig {
 pub struct MetricsConfig {
     /// Address `/metrics` is served on when systemd does not pass a socket.
     pub listen: SocketAddr,
+    /// TLS and basic authentication for `/metrics`, in the Prometheus exporters' web
+    /// configuration format ([`crate::web`]). Read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_config_file: Option<PathBuf>,
+}
+
+impl MetricsConfig {
+    /// The web configuration, read and checked (a configuration error at start).
+    pub fn web(&self) -> Result<Option<std::sync::Arc<crate::web::Web>>, ConfigError> {
+        let Some(path) = &self.web_config_file else {
+            return Ok(None);
+        };
+        crate::web::Web::load(path)
+            .map(|w| Some(std::sync::Arc::new(w)))
+            .map_err(|e| invalid("metrics.web_config_file", e))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,6 +409,7 @@ impl Default for ConsumerConfig {
             retry: RetryConfig::default(),
             metrics: MetricsConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
+                web_config_file: None,
             },
             log: LogConfig::default(),
             stations: StationsConfig::default(),
@@ -460,6 +477,7 @@ impl Default for ProducerConfig {
             retry: RetryConfig::default(),
             metrics: MetricsConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+                web_config_file: None,
             },
             log: LogConfig::default(),
         }
@@ -573,6 +591,7 @@ impl DaemonConfig for ConsumerConfig {
     fn check_secrets(&self) -> Result<(), ConfigError> {
         self.amqp.password()?;
         self.amqp.check_tls_files()?;
+        self.metrics.web()?;
         self.postgres.password()?;
         check_pg_tls_files("postgres.url", &self.postgres.url)?;
         if let Some(url) = &self.postgres.owner_url {
@@ -665,7 +684,8 @@ impl DaemonConfig for ProducerConfig {
 
     fn check_secrets(&self) -> Result<(), ConfigError> {
         self.amqp.password()?;
-        self.amqp.check_tls_files()
+        self.amqp.check_tls_files()?;
+        self.metrics.web().map(|_| ())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -799,7 +819,10 @@ impl PostgresConfig {
     /// parameter, which wins). `None` when it names neither (libpq then takes the operating
     /// system user's name).
     pub fn role(&self) -> Option<String> {
-        let pg: tokio_postgres::Config = self.url.as_str().parse().ok()?;
+        // tokio-postgres knows neither libpq's file parameters nor sslmode's verify-*: the URL
+        // it reads is the one the TLS client leaves.
+        let (url, _) = crate::db::tls_client(&self.url).ok()?;
+        let pg: tokio_postgres::Config = url.as_str().parse().ok()?;
         pg.get_user().map(str::to_owned)
     }
 }
@@ -884,6 +907,10 @@ mod tests {
             ),
             ("amqp://h/%2f?cacertfile=/ca", "cacertfile"),
             ("amqp://h/%2f?auth_mechanism=external", "amqps"),
+            (
+                "amqps://h/%2f?cacertfile=/ca&auth_mechanism=external&auth_mechanism=plain",
+                "twice",
+            ),
         ];
         for (url, named) in amqp {
             let e = crate::amqp::tls_client(&Url::parse(url).unwrap()).unwrap_err();
@@ -914,6 +941,11 @@ mod tests {
                 "sslrootcert=system",
             ),
             ("postgres://h/db?sslpassword=x", "sslpassword"),
+            (
+                "postgres://h/db?sslnegotiation=direct&sslmode=require",
+                "sslnegotiation=direct",
+            ),
+            ("postgres://h/db?sslmode=require&sslmode=disable", "twice"),
         ];
         for (url, named) in pg {
             let e = crate::db::tls_client(&Url::parse(url).unwrap()).unwrap_err();
@@ -930,9 +962,26 @@ mod tests {
             (
                 "postgres:///db?host=/run/postgresql&sslmode=require",
                 Verify::Nothing,
-                "host=%2Frun%2Fpostgresql&sslmode=disable",
+                "host=/run/postgresql&sslmode=disable",
             ),
-            ("postgres:///db", Verify::Nothing, "sslmode=disable"),
+            // A TCP address beside the socket, or a host tokio-postgres finds where the URL
+            // parser sees a path: TLS as asked, never turned off.
+            (
+                "postgres:///db?host=/run/postgresql&hostaddr=10.0.0.5&sslmode=verify-full&sslrootcert=/ca",
+                Verify::Full,
+                "host=/run/postgresql&hostaddr=10.0.0.5&sslmode=require",
+            ),
+            (
+                "postgres:///we@ther?host=/run/postgresql&sslmode=verify-full&sslrootcert=/ca",
+                Verify::Full,
+                "host=/run/postgresql&sslmode=require",
+            ),
+            // Other parameters pass as written (`+` is not a space to libpq).
+            (
+                "postgres://h/db?application_name=a+b&user=w%20x&sslmode=require",
+                Verify::Nothing,
+                "application_name=a+b&user=w%20x&sslmode=require",
+            ),
             (
                 "postgres://h/db?sslmode=require",
                 Verify::Nothing,
@@ -958,6 +1007,15 @@ mod tests {
             assert_eq!(client.verify, verify, "{url}");
             assert_eq!(out.query(), Some(passed_on), "{url}");
         }
+        // The role is read past the parameters tokio-postgres does not know.
+        let pg = PostgresConfig {
+            url: Url::parse(
+                "postgres://w@h/db?sslmode=verify-full&sslrootcert=/ca&sslcert=/c&sslkey=/k",
+            )
+            .unwrap(),
+            ..PostgresConfig::default()
+        };
+        assert_eq!(pg.role().as_deref(), Some("w"));
     }
 
     #[test]

@@ -171,6 +171,8 @@ pub async fn with_deadline<T>(
 pub struct Service {
     /// Where to bind `/metrics` when systemd passes no socket; `None` serves no metrics.
     pub listen: Option<SocketAddr>,
+    /// TLS and basic authentication for `/metrics` (`metrics.web_config_file`).
+    pub web: Option<std::sync::Arc<crate::web::Web>>,
     pub render: crate::http::Render,
     pub health: std::sync::Arc<crate::health::Health>,
     pub status: crate::systemd::StatusLine,
@@ -202,6 +204,7 @@ pub fn metrics_listener_or_bind(addr: SocketAddr) -> Result<std::net::TcpListene
 fn spawn_metrics(
     listener: std::net::TcpListener,
     render: crate::http::Render,
+    web: Option<std::sync::Arc<crate::web::Web>>,
     token: CancellationToken,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
     let (done, finished) = tokio::sync::oneshot::channel();
@@ -214,7 +217,7 @@ fn spawn_metrics(
                 .and_then(|rt| {
                     rt.block_on(async {
                         let listener = TcpListener::from_std(listener)?;
-                        crate::http::serve(listener, render, token).await;
+                        crate::http::serve(listener, render, web, token).await;
                         Ok(())
                     })
                 });
@@ -250,10 +253,11 @@ where
     })?;
     let tracker = tokio_util::task::TaskTracker::new();
     if let Some(listener) = listener {
-        let finished = spawn_metrics(listener, svc.render, token.child_token()).map_err(|e| {
-            error!(message = "Cannot start the metrics thread.", error = %e);
-            failure
-        })?;
+        let finished =
+            spawn_metrics(listener, svc.render, svc.web, token.child_token()).map_err(|e| {
+                error!(message = "Cannot start the metrics thread.", error = %e);
+                failure
+            })?;
         tracker.spawn(async move {
             let _ = finished.await;
         });

@@ -656,10 +656,22 @@ pub fn tls_client(url: &url::Url) -> Result<(url::Url, crate::tls::Client), Stri
         keys: TLS_KEYS,
     };
     let mut mode = String::from("prefer");
+    let params = crate::tls::query_parameters(url);
+    let ours = [
+        "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "sslnegotiation",
+    ];
+    if let Some(k) = crate::tls::repeated(&params, &ours) {
+        return Err(format!("`{k}` is given twice"));
+    }
+    // The other parameters go on as written: re-encoding them could change a value (`+`).
     let mut rest = Vec::new();
-    for (k, v) in url.query_pairs() {
-        let path = || Some(std::path::PathBuf::from(v.as_ref()));
-        match k.as_ref() {
+    for (k, v, raw) in params {
+        let path = || Some(std::path::PathBuf::from(&v));
+        match k.as_str() {
             "sslrootcert" if v == "system" => {
                 return Err("`sslrootcert=system` is not supported: name the CA's file".into())
             }
@@ -669,8 +681,12 @@ pub fn tls_client(url: &url::Url) -> Result<(url::Url, crate::tls::Client), Stri
             "sslpassword" => {
                 return Err("`sslpassword` is not supported: give `sslkey` unencrypted, readable only by the daemon".into())
             }
-            "sslmode" => mode = v.into_owned(),
-            _ => rest.push((k.into_owned(), v.into_owned())),
+            "sslnegotiation" if v == "postgres" => {}
+            "sslnegotiation" => {
+                return Err(format!("`sslnegotiation={v}` is not supported: TLS is negotiated the PostgreSQL way (`postgres`)"))
+            }
+            "sslmode" => mode = v,
+            _ => rest.push(raw),
         }
     }
     let (verify, tokio_mode) = match mode.as_str() {
@@ -687,20 +703,38 @@ pub fn tls_client(url: &url::Url) -> Result<(url::Url, crate::tls::Client), Stri
     };
     client.verify = verify;
     client.check()?;
-    // A Unix socket (no host in the URL, or `host=/run/postgresql`) never carries TLS, whatever
-    // sslmode says, as in libpq; tokio-postgres would ask for a TLS connector all the same.
-    let socket_only = url.host_str().is_none_or(str::is_empty)
-        && rest
+    let with_mode = |mode: &str| {
+        let mut out = url.clone();
+        let query = rest
             .iter()
-            .filter(|(k, _)| k == "host")
-            .all(|(_, v)| v.split(',').all(|h| h.starts_with('/')));
-    let tokio_mode = if socket_only { "disable" } else { tokio_mode };
-    let mut out = url.clone();
-    out.query_pairs_mut()
-        .clear()
-        .extend_pairs(rest.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .append_pair("sslmode", tokio_mode);
-    Ok((out, client))
+            .copied()
+            .chain([format!("sslmode={mode}").as_str()])
+            .collect::<Vec<_>>()
+            .join("&");
+        out.set_query(Some(&query));
+        out
+    };
+    let out = with_mode(tokio_mode);
+    // Only Unix sockets (every host a socket directory, no `hostaddr`), as tokio-postgres itself
+    // reads the URL: they never carry TLS, whatever sslmode says, as in libpq, and tokio-postgres
+    // would ask for a TLS connector all the same (see [`Connector`]). Anything that reaches a TCP
+    // address keeps the mode asked for.
+    let socket_only = tokio_postgres::Config::from_str(out.as_str()).is_ok_and(|pg| {
+        !pg.get_hosts().is_empty()
+            && pg.get_hostaddrs().is_empty()
+            && pg
+                .get_hosts()
+                .iter()
+                .all(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)))
+    });
+    Ok((
+        if socket_only {
+            with_mode("disable")
+        } else {
+            out
+        },
+        client,
+    ))
 }
 
 /// What `consumer migrate` did.

@@ -93,8 +93,50 @@ fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Serves until `token` is cancelled, then lets open requests finish (at most 2 s).
-pub async fn serve(listener: TcpListener, render: Render, token: CancellationToken) {
+/// 401 with the challenge, for requests without valid credentials.
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(b"Unauthorized\n")));
+    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+    resp.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"sistema-mensajes\""),
+    );
+    resp
+}
+
+/// Serves one connection (plain or TLS) until it ends, is evicted (`done`) or is too old.
+async fn serve_connection<I, S>(
+    io: I,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    done: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, service);
+    let conn = watcher.watch(conn);
+    tokio::select! {
+        result = conn => if let Err(e) = result {
+            debug!(message = "Metrics connection ended with an error.", error = %e);
+        },
+        _ = done.cancelled() => {}
+        _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+    }
+}
+
+/// Serves until `token` is cancelled, then lets open requests finish (at most 2 s). With `web`,
+/// over TLS and/or with basic authentication ([`crate::web`]).
+pub async fn serve(
+    listener: TcpListener,
+    render: Render,
+    web: Option<Arc<crate::web::Web>>,
+    token: CancellationToken,
+) {
     let render = cached(render);
     let pace = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
     let graceful = GracefulShutdown::new();
@@ -127,27 +169,36 @@ pub async fn serve(listener: TcpListener, render: Render, token: CancellationTok
         }
         let done = CancellationToken::new();
         open.push_back(done.clone());
-        let (render, pace) = (render.clone(), pace.clone());
+        let (render, pace, auth) = (render.clone(), pace.clone(), web.clone());
         let service = service_fn(move |req| {
-            let (render, pace) = (render.clone(), pace.clone());
+            let (render, pace, auth) = (render.clone(), pace.clone(), auth.clone());
             async move {
                 wait_turn(&pace).await;
+                if let Some(web) = &auth {
+                    let header = req.headers().get(hyper::header::AUTHORIZATION);
+                    if !web.authorized(header.map(HeaderValue::as_bytes)).await {
+                        return Ok::<_, Infallible>(unauthorized());
+                    }
+                }
                 Ok::<_, Infallible>(respond(&req, &render))
             }
         });
-        let conn = http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let tls = web.as_ref().and_then(|w| w.tls.clone());
         tokio::spawn(async move {
             let _done = done.clone().drop_guard();
-            tokio::select! {
-                result = conn => if let Err(e) = result {
-                    debug!(message = "Metrics connection ended with an error.", error = %e);
-                },
-                _ = done.cancelled() => {}
-                _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+            match tls {
+                None => serve_connection(TokioIo::new(stream), service, watcher, done).await,
+                Some(acceptor) => {
+                    // The handshake is bounded like a request's headers.
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(TokioIo::new(tls), service, watcher, done).await
+                        }
+                        Ok(Err(e)) => debug!(message = "Metrics TLS handshake failed.", error = %e),
+                        Err(_) => debug!("Metrics TLS handshake timed out."),
+                    }
+                }
             }
         });
     }

@@ -37,3 +37,4 @@ pub mod station;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;
+pub mod web;

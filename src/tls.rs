@@ -115,6 +115,7 @@ impl Client {
             .with_custom_certificate_verifier(verifier);
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
+                check_key_permissions(self.keys.key, key)?;
                 let chain = read_certs(self.keys.cert, cert)?;
                 let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
                     file_error(
@@ -217,6 +218,53 @@ impl ServerCertVerifier for Relaxed {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// A URL's query parameters as the servers' own clients read them: the name and the value
+/// percent-decoded (a `+` stays a `+`, as in libpq and tokio-postgres, not a space as in HTML
+/// forms), each with its raw text to pass on unchanged.
+pub fn query_parameters(url: &url::Url) -> Vec<(String, String, &str)> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    url.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|raw| !raw.is_empty())
+        .map(|raw| {
+            let (k, v) = raw.split_once('=').unwrap_or((raw, ""));
+            (decode(k), decode(v), raw)
+        })
+        .collect()
+}
+
+/// The first parameter given twice among `names`, which the two parsers of a URL (ours, and
+/// lapin's or tokio-postgres's) might read differently.
+pub fn repeated<'a>(params: &[(String, String, &str)], names: &[&'a str]) -> Option<&'a str> {
+    names
+        .iter()
+        .find(|n| params.iter().filter(|(k, _, _)| k == *n).count() > 1)
+        .copied()
+}
+
+/// A private key file must be readable by its owner only (or, owned by root, by its group too),
+/// as libpq requires of `sslkey`: anything looser is refused, not used.
+pub fn check_key_permissions(key: &'static str, path: &Path) -> Result<(), FileError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| file_error(key, path, format!("cannot read it: {e}")))?;
+    let (mode, owner) = (meta.mode() & 0o777, meta.uid());
+    let allowed = if owner == 0 { 0o640 } else { 0o600 };
+    if mode & !allowed != 0 {
+        return Err(file_error(
+            key,
+            path,
+            format!("is readable by others (mode {mode:04o}): a private key must be 0600, or 0640 if owned by root"),
+        ));
+    }
+    Ok(())
 }
 
 /// The TLS check that failed, if `e` (or an error it wraps) is a failed handshake: a short

@@ -352,7 +352,7 @@ fn a_tls_file_that_cannot_be_used_is_a_configuration_error() {
     std::fs::create_dir_all(&dir).unwrap();
     let secret = "not-a-key-but-secret-4711";
     let garbage = dir.join("garbage.pem");
-    std::fs::write(&garbage, secret).unwrap();
+    write_key(&garbage, secret);
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
         .unwrap()
@@ -360,11 +360,17 @@ fn a_tls_file_that_cannot_be_used_is_a_configuration_error() {
         .unwrap();
     let (cert_file, other_key) = (dir.join("cert.pem"), dir.join("other.key"));
     std::fs::write(&cert_file, cert.pem()).unwrap();
-    std::fs::write(
+    write_key(
         &other_key,
+        &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    );
+    let loose_key = dir.join("loose.key");
+    std::fs::write(
+        &loose_key,
         rcgen::KeyPair::generate().unwrap().serialize_pem(),
     )
     .unwrap();
+    let loose_key = loose_key.display().to_string();
     let (garbage, cert_file, other_key) = (
         garbage.display().to_string(),
         cert_file.display().to_string(),
@@ -391,6 +397,12 @@ fn a_tls_file_that_cannot_be_used_is_a_configuration_error() {
                 "cacertfile={cert_file}&certfile={cert_file}&keyfile={other_key}"
             )),
             "does not go with certfile",
+        ),
+        (
+            amqps(&format!(
+                "cacertfile={cert_file}&certfile={cert_file}&keyfile={loose_key}"
+            )),
+            "is readable by others (mode 0644)",
         ),
     ];
     for (url, expected) in &cases {
@@ -425,5 +437,15 @@ fn a_tls_file_that_cannot_be_used_is_a_configuration_error() {
         "{stderr}"
     );
     assert!(!stderr.contains(secret), "{stderr}");
+    // The metrics endpoint's web configuration, for both daemons.
+    for (bin, var) in [
+        (CONSUMER, "CONSUMER_METRICS__WEB_CONFIG_FILE"),
+        (PRODUCER, "PRODUCER_METRICS__WEB_CONFIG_FILE"),
+    ] {
+        let out = run(bin, &[], &[(var, &garbage)]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{bin}: {stderr}");
+        assert!(stderr.contains("metrics.web_config_file"), "{stderr}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -283,6 +283,7 @@ async fn metrics_endpoint_serves_the_old_names_and_they_move() {
     let server = tokio::spawn(sistema_mensajes::http::serve(
         listener,
         Arc::new(move || metrics.render(health.phase())),
+        None,
         token.clone(),
     ));
 

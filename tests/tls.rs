@@ -72,7 +72,7 @@ impl Pki {
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
         std::fs::write(self.dir.join(format!("{stem}.pem")), cert.pem()).unwrap();
-        std::fs::write(self.dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+        write_key(&self.dir.join(format!("{stem}.key")), &key.serialize_pem());
         self.dir.join(stem)
     }
 }
@@ -392,6 +392,17 @@ async fn readings_go_over_tls_and_every_failed_check_is_refused_by_name() {
     // batch in hand, counts a `tls` insert error, names it, keeps the batch, and stores it once
     // the certificate is renewed.
     servers.serve("pg", &expired);
+    // `pg_ctl reload` only signals the server: wait until new sessions see the new certificate.
+    wait_until(
+        Duration::from_secs(10),
+        "PostgreSQL serving the expired certificate",
+        || async {
+            let mut cfg = cfg.postgres.clone();
+            cfg.url = url::Url::parse(&pg_url).unwrap();
+            sistema_mensajes::db::Db::connect(&cfg, None).await.is_err()
+        },
+    )
+    .await;
     let refusal = pg_refusal(&cfg.postgres, &pg_url).await;
     assert!(refusal.contains("expired"), "{refusal}");
     let tls_errors = || deps.metrics.insert_errors.with_label_values(&["tls"]).get();

@@ -86,6 +86,11 @@ fn main() -> ExitCode {
         let (metrics, health) = (deps.metrics.clone(), deps.health.clone());
         let service = Service {
             listen: Some(cfg.metrics.listen),
+            // Checked at start with the rest of the configuration; read again here.
+            web: cfg.metrics.web().map_err(|e| {
+                eprintln!("configuration error: {e}");
+                ExitCode::from(sistema_mensajes::config::EXIT_CONFIG)
+            })?,
             render: Arc::new({
                 let (metrics, health) = (metrics.clone(), health.clone());
                 move || metrics.render(health.phase())

@@ -39,6 +39,11 @@ fn main() -> ExitCode {
         let service = Service {
             // A one-shot send serves no metrics, so it runs beside a producer daemon.
             listen: (!matches!(mode, Mode::Send(_))).then_some(cfg.metrics.listen),
+            // Checked at start with the rest of the configuration; read again here.
+            web: cfg.metrics.web().map_err(|e| {
+                eprintln!("configuration error: {e}");
+                ExitCode::from(sistema_mensajes::config::EXIT_CONFIG)
+            })?,
             render: Arc::new({
                 let (metrics, health) = (metrics.clone(), health.clone());
                 move || metrics.render(health.phase())

@@ -723,3 +723,10 @@ pub async fn stop_consumer((_, token, run): Running) {
         .expect("the consumer stops")
         .unwrap();
 }
+
+/// Writes a private key readable by its owner only, as the daemons require.
+pub fn write_key(path: &std::path::Path, pem: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, pem).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
