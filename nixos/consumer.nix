@@ -6,6 +6,9 @@ import ./daemon.nix {
   credentials = {
     amqp-password = "the broker password";
     postgres-password = "the database password (none with peer authentication over the Unix socket)";
+    postgres-tls-ca = "the CA that signed PostgreSQL's certificate (PEM; `sslrootcert=` is added to `settings.postgres.url`; give `sslmode=verify-full` there)";
+    postgres-tls-cert = "a client certificate for PostgreSQL's `cert` authentication (PEM; `sslcert=`)";
+    postgres-tls-key = "the client certificate's key (PEM, unencrypted; `sslkey=`)";
   };
   connectsTo = [
     "amqp"

@@ -94,13 +94,66 @@ let
       credential = "postgres-owner-password";
     }
   ];
-  fileSettings = lib.foldl' (
+  # TLS files are credentials too (a key may then be root's, 0400), and the URLs name them where
+  # the daemon finds them: RabbitMQ's URI parameters, libpq's for PostgreSQL (docs/configuration.md,
+  # "TLS"). The URL's own sslmode stays as written.
+  credentialPath = id: "/run/credentials/${daemon}.service/${id}";
+  tlsParameters = {
+    amqp = {
+      cacertfile = "amqp-tls-ca";
+      certfile = "amqp-tls-cert";
+      keyfile = "amqp-tls-key";
+    };
+    postgres = {
+      sslrootcert = "postgres-tls-ca";
+      sslcert = "postgres-tls-cert";
+      sslkey = "postgres-tls-key";
+    };
+  };
+  given = id: (cfg.credentials.${id} or null) != null;
+  withTlsFiles =
+    section: url:
+    let
+      params = lib.mapAttrsToList (param: id: "${param}=${credentialPath id}") (
+        lib.filterAttrs (_: given) tlsParameters.${section}
+      );
+    in
+    if params == [ ] then
+      url
+    else
+      url + (if lib.hasInfix "?" url then "&" else "?") + lib.concatStringsSep "&" params;
+  withoutPasswordFiles = lib.foldl' (
     s: p:
     let
       section = lib.head p.path;
     in
     s // { ${section} = removeAttrs s.${section} (lib.tail p.path); }
   ) cfg.settings passwordSettings;
+  fileSettings = lib.mapAttrs (
+    section: v:
+    if tlsParameters ? ${section} && v ? url then v // { url = withTlsFiles section v.url; } else v
+  ) withoutPasswordFiles;
+  # /metrics over TLS and/or with basic authentication: the Prometheus exporters' web
+  # configuration (src/web.rs), JSON being YAML. It holds paths and bcrypt hashes, no secret.
+  metricsTls = given "metrics-tls-cert" && given "metrics-tls-key";
+  webConfig = pkgs.writeText "${daemon}-web-config.yml" webConfigText;
+  webConfigText = (
+    builtins.toJSON (
+      lib.optionalAttrs metricsTls {
+        tls_server_config = {
+          cert_file = credentialPath "metrics-tls-cert";
+          key_file = credentialPath "metrics-tls-key";
+        }
+        // lib.optionalAttrs (given "metrics-client-ca") {
+          client_auth_type = "RequireAndVerifyClientCert";
+          client_ca_file = credentialPath "metrics-client-ca";
+        };
+      }
+      // lib.optionalAttrs (cfg.metrics.basicAuthUsers != { }) {
+        basic_auth_users = cfg.metrics.basicAuthUsers;
+      }
+    )
+  );
   credentialFiles =
     lib.filterAttrs (_: file: file != null) cfg.credentials
     // lib.listToAttrs (
@@ -207,6 +260,20 @@ in
         default = metricsPort;
         description = "Port of the `/metrics` socket (`${daemon}.socket`).";
       };
+      basicAuthUsers = mkOption {
+        type = types.attrsOf types.str;
+        default = { };
+        example = {
+          prometheus = "$2y$10$…";
+        };
+        description = ''
+          Users who may read `/metrics`, each with a bcrypt hash of their password
+          (`htpasswd -nBC 10 prometheus`): the exporters' `basic_auth_users`. The hashes go into the
+          world-readable store (a hash, not the password). With `credentials.metrics-tls-cert` and
+          `credentials.metrics-tls-key`, `/metrics` is served over TLS; with
+          `credentials.metrics-client-ca` too, scrapers need a certificate that CA signed.
+        '';
+      };
       openFirewall = lib.mkEnableOption "the metrics port in the firewall, for a Prometheus on another host (list that host in `metrics.allowFrom` too)";
       allowFrom = mkOption {
         type = types.listOf h.ipAddressPrefix;
@@ -228,6 +295,14 @@ in
       };
     };
 
+    webConfigText = mkOption {
+      type = types.str;
+      default = webConfigText;
+      readOnly = true;
+      internal = true;
+      description = "The `/metrics` web configuration file's text (generated; used when TLS or users are set).";
+    };
+
     fileSettings = mkOption {
       type = toml.type;
       default = fileSettings;
@@ -236,18 +311,51 @@ in
       description = "The settings written to `${daemon}.toml` (generated): `settings`, less the `*password_file` keys, which become credentials.";
     };
 
-    credentials = lib.mapAttrs (
-      id: text:
-      h.secretFile ''
-        File holding ${text}, handed to the daemon as the systemd credential `${id}`
-        (`LoadCredential=`), which it reads from `$CREDENTIALS_DIRECTORY`. Null: no
-        `LoadCredential=` line at all (a missing file would stop the unit from starting).
-      ''
-    ) credentials;
+    credentials =
+      lib.mapAttrs
+        (
+          id: text:
+          h.secretFile ''
+            File holding ${text}, handed to the daemon as the systemd credential `${id}`
+            (`LoadCredential=`), which it reads from `$CREDENTIALS_DIRECTORY`. Null: no
+            `LoadCredential=` line at all (a missing file would stop the unit from starting).
+          ''
+        )
+        (
+          credentials
+          // {
+            amqp-tls-ca = "the CA that signed the broker's certificate (PEM; `cacertfile=` is added to `settings.amqp.url`, which must be `amqps://`)";
+            amqp-tls-cert = "a client certificate for the broker (PEM; `certfile=`; with `auth_mechanism=external` in the URL it logs in by it)";
+            amqp-tls-key = "the client certificate's key (PEM, unencrypted; `keyfile=`)";
+            metrics-tls-cert = "the certificate `/metrics` is served over TLS with (PEM)";
+            metrics-tls-key = "its key (PEM, unencrypted)";
+            metrics-client-ca = "the CA whose certificates scrapers must present to `/metrics` (PEM)";
+          }
+        );
   };
 
   config = lib.mkIf cfg.enable {
-    services.sistema-mensajes.${daemon}.settings.metrics.listen = listen;
+    services.sistema-mensajes.${daemon}.settings.metrics = {
+      inherit listen;
+      web_config_file = lib.mkIf (metricsTls || cfg.metrics.basicAuthUsers != { }) "${webConfig}";
+    };
+
+    assertions = [
+      {
+        assertion =
+          !(lib.any given (lib.attrValues tlsParameters.amqp))
+          || lib.hasPrefix "amqps://" cfg.settings.amqp.url;
+        message = "services.sistema-mensajes.${daemon}: credentials.amqp-tls-* are set, but settings.amqp.url is not `amqps://`: the broker would be reached in plain text.";
+      }
+      {
+        assertion = given "metrics-tls-cert" == given "metrics-tls-key";
+        message = "services.sistema-mensajes.${daemon}: credentials.metrics-tls-cert and credentials.metrics-tls-key go together.";
+      }
+      {
+        assertion = !(given "metrics-client-ca") || metricsTls;
+        message = "services.sistema-mensajes.${daemon}: credentials.metrics-client-ca needs credentials.metrics-tls-cert and metrics-tls-key (client certificates are checked over TLS only).";
+      }
+    ];
 
     users.users.${cfg.user} = {
       isSystemUser = true;

@@ -271,5 +271,15 @@ fn web_configurations_that_cannot_be_honoured_are_refused_by_name() {
         assert!(e.contains(expected), "{yaml}\n→ {e}");
         assert!(!e.contains("plain-text-secret"), "{e}");
     }
+    // The NixOS module writes the file as JSON, which is YAML too.
+    let json = serde_json::json!({
+        "tls_server_config": {"cert_file": d("server.pem"), "key_file": d("server.key"),
+            "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": d("ca.pem")},
+        "basic_auth_users": {"prometheus": bcrypt::hash("x", 4).unwrap()},
+    });
+    let file = dir.join("web.json");
+    std::fs::write(&file, json.to_string()).unwrap();
+    let web = Web::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert!(web.tls.is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }
