@@ -160,8 +160,8 @@ let
       utils.escapeSystemdExecArg (prefix + passwordFile r);
   provisionUnit = "sistema-mensajes-rabbitmq-provision.service";
   topologyUnit = "sistema-mensajes-rabbitmq-topology.service";
-  # Where this host reaches its own broker.
-  amqpHost = h.connectAddress rmq.listenAddress;
+  # Where this host reaches its own broker: with TLS, plain AMQP listens on loopback only.
+  amqpHost = if tlsOn then "127.0.0.1" else h.connectAddress rmq.listenAddress;
   localAmqpUrl = user: "amqp://${user}@${urlHost amqpHost}:${toString amqpPort}/%2f";
   topologyAddresses = h.urlAddresses [ (localAmqpUrl rmq.users.topology.name) ];
   # `consumer declare-topology`'s settings: the consumer's topology (names, queue type and any
@@ -179,6 +179,36 @@ let
         url = localAmqpUrl rmq.users.topology.name;
       };
   };
+
+  # --- TLS for the broker and the database ---------------------------------------------------
+  # The files reach each server as credentials (LoadCredential=, read by PID 1: they may be root's),
+  # and its configuration names the copies, /run/credentials/<unit>/<id> (a store file cannot use
+  # systemd's %d). Research notes: rabbitmq.nix and postgresql.nix have no TLS options of their
+  # own; RabbitMQ's keys are its schema's (listeners.ssl.*, ssl_options.*), PostgreSQL's its GUCs.
+  tlsOn = cfg.tls.caFile != null && cfg.tls.certFile != null && cfg.tls.keyFile != null;
+  tlsCredentials = [
+    "tls-ca:${cfg.tls.caFile}"
+    "tls-cert:${cfg.tls.certFile}"
+    "tls-key:${cfg.tls.keyFile}"
+  ];
+  tlsPath = unit: id: "/run/credentials/${unit}.service/${id}";
+  hostType = if tlsOn then "hostssl" else "host";
+  # Prometheus's scrapes of the daemons: over TLS (a CA) and/or with basic authentication.
+  ds = cfg.prometheus.daemonScrape;
+  daemonScrapeCredentials =
+    lib.optional (ds.caFile != null) "daemon-ca:${ds.caFile}"
+    ++ lib.optional (ds.passwordFile != null) "daemon-password:${ds.passwordFile}";
+  daemonScrape =
+    lib.optionalAttrs (ds.caFile != null) {
+      scheme = "https";
+      tls_config.ca_file = tlsPath "prometheus" "daemon-ca";
+    }
+    // lib.optionalAttrs (ds.username != null) {
+      basic_auth = {
+        inherit (ds) username;
+        password_file = tlsPath "prometheus" "daemon-password";
+      };
+    };
 
   # --- PostgreSQL -----------------------------------------------------------------------------
   pg = cfg.postgresql;
@@ -416,8 +446,25 @@ in
       the whole stack on this host: RabbitMQ, PostgreSQL, Prometheus and Grafana, provisioned for
       sistema-mensajes, with the daemons that are enabled here wired to them'';
 
+    tls = {
+      caFile = h.secretFile ''
+        The CA (PEM) that signed `certFile` (and the daemons' client certificates, if they present
+        any). With `certFile` and `keyFile`, RabbitMQ serves AMQP over TLS on `rabbitmq.tls.port` at
+        `rabbitmq.listenAddress` (plain AMQP then only on 127.0.0.1, for the daemons on this host),
+        and PostgreSQL takes TLS: logins over TCP from `postgresql.tcp.allowFrom` must use it
+        (`hostssl`; plain TCP from there is rejected). The files reach both servers as credentials.
+      '';
+      certFile = h.secretFile "This host's certificate (PEM) for RabbitMQ and PostgreSQL: its subjectAltName holds the name the daemons connect to.";
+      keyFile = h.secretFile "The certificate's key (PEM, unencrypted).";
+    };
+
     rabbitmq = {
       enable = enableOption "RabbitMQ (with rabbitmq_prometheus and per-queue metrics, one user per daemon and one that declares the topology, no guest)";
+      tls.port = mkOption {
+        type = types.port;
+        default = 5671;
+        description = "Port of the AMQP-over-TLS listener (with `stack.tls`); `openFirewall` then opens it instead of the plain port.";
+      };
       listenAddress = mkOption {
         type = types.str;
         default = "127.0.0.1";
@@ -544,6 +591,15 @@ in
               exporterTarget "postgres"
             );
           };
+      daemonScrape = {
+        caFile = h.secretFile "The CA (PEM) of the daemons' `/metrics` certificates (their `credentials.metrics-tls-cert`): the jobs `producer` and `consumer` then scrape over https. Handed to Prometheus as a credential.";
+        username = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "User of the daemons' basic authentication (their `metrics.basicAuthUsers`), with `passwordFile`.";
+        };
+        passwordFile = h.secretFile "File with that user's password, handed to Prometheus as a credential (`basic_auth.password_file`).";
+      };
       rules = generatedText "nixos/prometheus/alerts.yml with the consumer's `amqp.queue` and `amqp.dead_letter_queue` in place of weather_queue and weather_dead_letter." alertRules;
       exporterRules = generatedText "SistemaTargetMissing for the exporters' jobs this Prometheus scrapes." exporterRules;
     };
@@ -686,12 +742,22 @@ in
       ];
     })
 
+    (lib.mkIf (rmq.enable || pg.enable) {
+      assertions = [
+        {
+          assertion =
+            tlsOn || (cfg.tls.caFile == null && cfg.tls.certFile == null && cfg.tls.keyFile == null);
+          message = "services.sistema-mensajes.stack.tls: caFile, certFile and keyFile go together (with only some of them, the broker and the database would serve plain text).";
+        }
+      ];
+    })
+
     # --- RabbitMQ ---------------------------------------------------------------------------
     (lib.mkIf rmq.enable {
       # nixos/modules/services/amqp/rabbitmq.nix
       services.rabbitmq = {
         enable = true;
-        inherit (rmq) listenAddress;
+        listenAddress = if tlsOn then "127.0.0.1" else rmq.listenAddress;
         # rabbitmq.nix: configItems is attrsOf str.
         plugins = [ "rabbitmq_prometheus" ];
         configItems = {
@@ -709,8 +775,19 @@ in
         # plugin (rabbitmq_prometheus takes the same prometheus.tcp.* keys); "": every interface.
         // lib.optionalAttrs (rmq.metrics.listenAddress != "") {
           "prometheus.tcp.ip" = rmq.metrics.listenAddress;
+        }
+        # RabbitMQ's schema: listeners.ssl.<n> takes "ip:port" as listeners.tcp.1 does in
+        # rabbitmq.nix; the ssl_options files must be readable when the node starts.
+        // lib.optionalAttrs tlsOn {
+          "listeners.ssl.1" = "${rmq.listenAddress}:${toString rmq.tls.port}";
+          "ssl_options.cacertfile" = tlsPath "rabbitmq" "tls-ca";
+          "ssl_options.certfile" = tlsPath "rabbitmq" "tls-cert";
+          "ssl_options.keyfile" = tlsPath "rabbitmq" "tls-key";
+          "ssl_options.verify" = "verify_peer";
+          "ssl_options.fail_if_no_peer_cert" = "false";
         };
       };
+      systemd.services.rabbitmq.serviceConfig.LoadCredential = lib.mkIf tlsOn tlsCredentials;
 
       systemd.services.sistema-mensajes-rabbitmq-provision = {
         description = "sistema-mensajes: RabbitMQ users for the daemons and the topology";
@@ -791,7 +868,8 @@ in
       };
 
       networking.firewall.allowedTCPPorts =
-        lib.optional rmq.openFirewall amqpPort ++ lib.optional rmq.metrics.openFirewall rabbitmqMetricsPort;
+        lib.optional rmq.openFirewall (if tlsOn then rmq.tls.port else amqpPort)
+        ++ lib.optional rmq.metrics.openFirewall rabbitmqMetricsPort;
     })
 
     # Daemons on this host and the broker: our user, its password, no declarations, after the
@@ -862,13 +940,24 @@ in
         + lib.optionalString pg.tcp.enable (
           lib.concatMapStrings (
             net:
-            "host ${pg.database} ${pg.writerRole} ${net} scram-sha-256\n"
+            "${hostType} ${pg.database} ${pg.writerRole} ${net} scram-sha-256\n"
             + lib.optionalString (
               pg.tcp.ownerPasswordFile != null
-            ) "host ${pg.database} ${pg.database} ${net} scram-sha-256\n"
+            ) "${hostType} ${pg.database} ${pg.database} ${net} scram-sha-256\n"
+            # With TLS, nothing in plain text from there (the first matching line decides).
+            + lib.optionalString tlsOn "hostnossl all all ${net} reject\n"
           ) pg.tcp.allowFrom
         );
+        settings = lib.mkIf tlsOn {
+          ssl = true;
+          ssl_ca_file = tlsPath "postgresql" "tls-ca";
+          ssl_cert_file = tlsPath "postgresql" "tls-cert";
+          ssl_key_file = tlsPath "postgresql" "tls-key";
+        };
       };
+      # PostgreSQL accepts the key's copy: root's, readable through systemd's ACL for postgres
+      # (mode 0440 as stat shows it), within its "0640 or less if owned by root".
+      systemd.services.postgresql.serviceConfig.LoadCredential = lib.mkIf tlsOn tlsCredentials;
 
       # The read-only role may read weather_logs once it exists (an event trigger grants it when
       # the migrations create it), with a statement timeout; the roles' passwords, for TCP logins.
@@ -964,8 +1053,8 @@ in
         listenAddress = mkDefault "127.0.0.1";
         globalConfig.scrape_interval = mkDefault "15s";
         scrapeConfigs =
-          job "producer" cfg.prometheus.targets.producer { }
-          ++ job "consumer" cfg.prometheus.targets.consumer { }
+          job "producer" cfg.prometheus.targets.producer daemonScrape
+          ++ job "consumer" cfg.prometheus.targets.consumer daemonScrape
           # Same as nixos/prometheus/prometheus.yml, whose metric names the dashboards and alerts
           # use: per-queue depth and consumers from /metrics/detailed (rabbitmq_detailed_*).
           # prometheus/default.nix: scrape_config.params is attrsOf (listOf str).
@@ -994,10 +1083,19 @@ in
           pkgs.writeText "sistema-mensajes-exporter-alerts.yml" exporterRules
         );
       };
+      # prometheus/default.nix's unit has no LoadCredential of its own; promtool, at build time,
+      # does not open ca_file or basic_auth.password_file (cmd/promtool checkConfig).
+      systemd.services.prometheus.serviceConfig.LoadCredential = lib.mkIf (
+        daemonScrapeCredentials != [ ]
+      ) daemonScrapeCredentials;
       assertions = [
         {
           assertion = queueNameOk;
           message = "services.sistema-mensajes.consumer.settings.amqp.queue `${names.queue}`: the stack's alert rules take a queue name of letters, digits and `_.:-` only; use such a name, or disable stack.prometheus and write the rules yourself.";
+        }
+        {
+          assertion = (ds.username == null) == (ds.passwordFile == null);
+          message = "services.sistema-mensajes.stack.prometheus.daemonScrape: username and passwordFile go together.";
         }
       ];
 
