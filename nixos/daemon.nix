@@ -129,10 +129,33 @@ let
     in
     s // { ${section} = removeAttrs s.${section} (lib.tail p.path); }
   ) cfg.settings passwordSettings;
+  # Both PostgreSQL URLs get the files: `consumer migrate` connects with `owner_url`, and the
+  # consumer checks it at every start.
   fileSettings = lib.mapAttrs (
     section: v:
-    if tlsParameters ? ${section} && v ? url then v // { url = withTlsFiles section v.url; } else v
+    if tlsParameters ? ${section} then
+      v
+      // lib.mapAttrs (_: withTlsFiles section) (
+        lib.getAttrs (lib.intersectLists [ "url" "owner_url" ] (lib.attrNames v)) v
+      )
+    else
+      v
   ) withoutPasswordFiles;
+  # A URL that names a file the credentials name too would give the parameter twice, which the
+  # daemon refuses at start: caught here instead.
+  urlsNaming =
+    section:
+    lib.filter (
+      param:
+      given tlsParameters.${section}.${param}
+      && lib.any (u: builtins.match ".*[?&]${param}=.*" u != null) (
+        lib.filter lib.isString [
+          (cfg.settings.${section}.url or null)
+          (cfg.settings.${section}.owner_url or null)
+        ]
+      )
+    ) (lib.attrNames tlsParameters.${section});
+  postgresUrl = cfg.settings.postgres.url or "";
   # /metrics over TLS and/or with basic authentication: the Prometheus exporters' web
   # configuration (src/web.rs), JSON being YAML. It holds paths and bcrypt hashes, no secret.
   metricsTls = given "metrics-tls-cert" && given "metrics-tls-key";
@@ -355,6 +378,14 @@ in
         assertion = !(given "metrics-client-ca") || metricsTls;
         message = "services.sistema-mensajes.${daemon}: credentials.metrics-client-ca needs credentials.metrics-tls-cert and metrics-tls-key (client certificates are checked over TLS only).";
       }
+      {
+        assertion = urlsNaming "amqp" == [ ] && (cfg.settings ? postgres -> urlsNaming "postgres" == [ ]);
+        message = "services.sistema-mensajes.${daemon}: settings.*.url names ${
+          lib.concatStringsSep ", " (
+            urlsNaming "amqp" ++ lib.optionals (cfg.settings ? postgres) (urlsNaming "postgres")
+          )
+        } itself, and the credentials add it again: give the file one way.";
+      }
     ];
 
     users.users.${cfg.user} = {
@@ -421,10 +452,25 @@ in
 
     networking.firewall.allowedTCPPorts = lib.optional cfg.metrics.openFirewall cfg.metrics.port;
 
-    warnings = lib.optional (cfg.metrics.openFirewall && loopbackOnly) ''
-      services.sistema-mensajes.${daemon}.metrics.openFirewall opens port ${toString cfg.metrics.port}, but
-      metrics.allowFrom lists only loopback, so the socket drops every other host's connection: list
-      the Prometheus host's addresses in services.sistema-mensajes.${daemon}.metrics.allowFrom.
-    '';
+    warnings =
+      lib.optional (cfg.metrics.openFirewall && loopbackOnly) ''
+        services.sistema-mensajes.${daemon}.metrics.openFirewall opens port ${toString cfg.metrics.port}, but
+        metrics.allowFrom lists only loopback, so the socket drops every other host's connection: list
+        the Prometheus host's addresses in services.sistema-mensajes.${daemon}.metrics.allowFrom.
+      ''
+      ++ lib.optional (cfg.metrics.openFirewall && cfg.metrics.basicAuthUsers != { } && !metricsTls) ''
+        services.sistema-mensajes.${daemon}.metrics: basicAuthUsers without TLS (credentials.metrics-tls-cert and
+        -key) on an open port: the scrape password crosses the network in plain text.
+      ''
+      ++
+        lib.optional
+          (
+            given "postgres-tls-ca" && builtins.match ".*[?&]sslmode=verify-(ca|full)(&.*)?" postgresUrl == null
+          )
+          ''
+            services.sistema-mensajes.${daemon}: credentials.postgres-tls-ca is set, but settings.postgres.url has no
+            sslmode=verify-full (or verify-ca): with libpq's default, prefer, the consumer falls back to plain
+            text when the server offers no TLS.
+          '';
   };
 }

@@ -197,11 +197,21 @@ let
   ds = cfg.prometheus.daemonScrape;
   daemonScrapeCredentials =
     lib.optional (ds.caFile != null) "daemon-ca:${ds.caFile}"
-    ++ lib.optional (ds.passwordFile != null) "daemon-password:${ds.passwordFile}";
+    ++ lib.optional (ds.passwordFile != null) "daemon-password:${ds.passwordFile}"
+    ++ lib.optionals (ds.certFile != null) [
+      "daemon-cert:${ds.certFile}"
+      "daemon-key:${ds.keyFile}"
+    ];
   daemonScrape =
     lib.optionalAttrs (ds.caFile != null) {
       scheme = "https";
-      tls_config.ca_file = tlsPath "prometheus" "daemon-ca";
+      tls_config = {
+        ca_file = tlsPath "prometheus" "daemon-ca";
+      }
+      // lib.optionalAttrs (ds.certFile != null) {
+        cert_file = tlsPath "prometheus" "daemon-cert";
+        key_file = tlsPath "prometheus" "daemon-key";
+      };
     }
     // lib.optionalAttrs (ds.username != null) {
       basic_auth = {
@@ -599,6 +609,8 @@ in
           description = "User of the daemons' basic authentication (their `metrics.basicAuthUsers`), with `passwordFile`.";
         };
         passwordFile = h.secretFile "File with that user's password, handed to Prometheus as a credential (`basic_auth.password_file`).";
+        certFile = h.secretFile "A client certificate (PEM) for daemons whose `/metrics` requires one (their `credentials.metrics-client-ca`), with `keyFile`. Prometheus's build-time check then runs with `--syntax-only` (promtool opens `cert_file` and `key_file`, which are credentials, there only at run time).";
+        keyFile = h.secretFile "The client certificate's key (PEM, unencrypted).";
       };
       rules = generatedText "nixos/prometheus/alerts.yml with the consumer's `amqp.queue` and `amqp.dead_letter_queue` in place of weather_queue and weather_dead_letter." alertRules;
       exporterRules = generatedText "SistemaTargetMissing for the exporters' jobs this Prometheus scrapes." exporterRules;
@@ -1088,6 +1100,12 @@ in
       systemd.services.prometheus.serviceConfig.LoadCredential = lib.mkIf (
         daemonScrapeCredentials != [ ]
       ) daemonScrapeCredentials;
+      # prometheus/default.nix: checkConfig is bool or "syntax-only"; promtool stats cert_file.
+      services.prometheus.checkConfig = lib.mkIf (ds.certFile != null) (mkDefault "syntax-only");
+      warnings = lib.optional (ds.username != null && ds.caFile == null) ''
+        services.sistema-mensajes.stack.prometheus.daemonScrape: a username without caFile sends the scrape
+        password over plain http.
+      '';
       assertions = [
         {
           assertion = queueNameOk;
@@ -1096,6 +1114,18 @@ in
         {
           assertion = (ds.username == null) == (ds.passwordFile == null);
           message = "services.sistema-mensajes.stack.prometheus.daemonScrape: username and passwordFile go together.";
+        }
+        {
+          assertion =
+            (ds.certFile == null) == (ds.keyFile == null) && (ds.certFile != null -> ds.caFile != null);
+          message = "services.sistema-mensajes.stack.prometheus.daemonScrape: certFile and keyFile go together, and with caFile.";
+        }
+        {
+          # Its jobs name the daemons on this host as 127.0.0.1, for which no certificate is
+          # issued, and those need not have TLS at all: not supported yet.
+          assertion =
+            (ds.caFile == null && ds.username == null) || !(top.producer.enable || top.consumer.enable);
+          message = "services.sistema-mensajes.stack.prometheus.daemonScrape applies to every daemon the jobs scrape, but a daemon runs on this host, scraped at 127.0.0.1 without TLS: scraping local and remote daemons differently is not supported yet.";
         }
       ];
 

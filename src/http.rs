@@ -176,7 +176,7 @@ pub async fn serve(
                 wait_turn(&pace).await;
                 if let Some(web) = &auth {
                     let header = req.headers().get(hyper::header::AUTHORIZATION);
-                    if !web.authorized(header.map(HeaderValue::as_bytes)).await {
+                    if !web.authorized(header.map(HeaderValue::as_bytes)) {
                         return Ok::<_, Infallible>(unauthorized());
                     }
                 }
@@ -190,13 +190,18 @@ pub async fn serve(
             match tls {
                 None => serve_connection(TokioIo::new(stream), service, watcher, done).await,
                 Some(acceptor) => {
-                    // The handshake is bounded like a request's headers.
-                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            serve_connection(TokioIo::new(tls), service, watcher, done).await
-                        }
-                        Ok(Err(e)) => debug!(message = "Metrics TLS handshake failed.", error = %e),
-                        Err(_) => debug!("Metrics TLS handshake timed out."),
+                    // The handshake is bounded like a request's headers, and an evicted connection
+                    // is closed in it too (else half-open handshakes would hold sockets past
+                    // MAX_CONNECTIONS).
+                    let evicted = done.clone();
+                    let handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream));
+                    tokio::select! {
+                        result = handshake => match result {
+                            Ok(Ok(tls)) => serve_connection(TokioIo::new(tls), service, watcher, done).await,
+                            Ok(Err(e)) => debug!(message = "Metrics TLS handshake failed.", error = %e),
+                            Err(_) => debug!("Metrics TLS handshake timed out."),
+                        },
+                        _ = evicted.cancelled() => debug!("Too many metrics connections; closed one in its TLS handshake."),
                     }
                 }
             }

@@ -53,9 +53,12 @@ pub struct Web {
     /// Credentials that passed bcrypt, as SHA-256 digests of user, password and hash: bcrypt
     /// costs tens of milliseconds by design, and Prometheus sends the same ones every scrape.
     verified: Mutex<Vec<[u8; 32]>>,
-    /// When the next bcrypt check of credentials not yet verified may run ([`BCRYPT_INTERVAL`]):
-    /// a flood of wrong passwords then costs a bounded share of a core.
-    next_bcrypt: Mutex<tokio::time::Instant>,
+    /// When the next bcrypt check of credentials not yet verified may run ([`BCRYPT_INTERVAL`]);
+    /// a request before then is refused at once, with nothing queued: a flood of wrong passwords
+    /// costs a bounded share of a core and delays nobody once it stops.
+    next_bcrypt: Mutex<std::time::Instant>,
+    /// Checked for a user we do not know, so that an unknown name costs what a known one does.
+    decoy: String,
 }
 
 /// At most this many credentials are remembered as verified.
@@ -63,6 +66,10 @@ const VERIFIED_KEPT: usize = 16;
 
 /// Unverified credentials are checked at most every this long (4 a second).
 pub const BCRYPT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The highest bcrypt cost accepted: each check runs on the metrics thread, and cost 12 already
+/// takes a few hundred milliseconds.
+pub const MAX_BCRYPT_COST: u32 = 12;
 
 /// The problem with a web configuration file, for the `metrics.web_config_file` error.
 fn bad(path: &Path, what: impl std::fmt::Display) -> String {
@@ -77,12 +84,18 @@ impl Web {
         // serde's messages name the unknown or missing key and its line, not the values.
         let file: File = serde_yaml_ng::from_str(&text).map_err(|e| bad(path, e))?;
         for (user, hash) in &file.basic_auth_users {
-            hash.parse::<bcrypt::HashParts>().map_err(|_| {
+            let parts = hash.parse::<bcrypt::HashParts>().map_err(|_| {
                 bad(
                     path,
                     format!("basic_auth_users.{user}: not a bcrypt hash ($2y$…)"),
                 )
             })?;
+            if parts.get_cost() > MAX_BCRYPT_COST {
+                return Err(bad(path, format!(
+                    "basic_auth_users.{user}: bcrypt cost {} is above {MAX_BCRYPT_COST} (each check would hold the metrics thread for seconds)",
+                    parts.get_cost()
+                )));
+            }
         }
         let tls = match file.tls_server_config {
             None => None,
@@ -94,26 +107,33 @@ impl Web {
                 "neither tls_server_config nor basic_auth_users: it protects nothing",
             ));
         }
+        let decoy = file
+            .basic_auth_users
+            .values()
+            .next()
+            .cloned()
+            .unwrap_or_default();
         Ok(Self {
             tls,
             users: file.basic_auth_users,
             verified: Mutex::default(),
-            next_bcrypt: Mutex::new(tokio::time::Instant::now()),
+            next_bcrypt: Mutex::new(std::time::Instant::now()),
+            decoy,
         })
     }
 
     /// Whether a request with this `Authorization` header may read `/metrics`. Without users,
-    /// any request may.
-    pub async fn authorized(&self, authorization: Option<&[u8]>) -> bool {
+    /// any request may. Credentials verified before pass at once; others wait for no one: past
+    /// the bcrypt pace ([`BCRYPT_INTERVAL`]) they are refused, to be tried at the next scrape.
+    pub fn authorized(&self, authorization: Option<&[u8]>) -> bool {
         if self.users.is_empty() {
             return true;
         }
         let Some((user, password)) = authorization.and_then(basic_credentials) else {
             return false;
         };
-        let Some(hash) = self.users.get(&user) else {
-            return false;
-        };
+        let known = self.users.get(&user);
+        let hash = known.unwrap_or(&self.decoy);
         let digest = {
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             for part in [
@@ -130,25 +150,29 @@ impl Web {
             out
         };
         // The locks are poisoned only by a panic, which aborts the process (panic = "abort").
-        if self
-            .verified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(&digest)
+        if known.is_some()
+            && self
+                .verified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&digest)
         {
             return true;
         }
-        let at = {
+        {
             let mut next = self
                 .next_bcrypt
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let at = (*next).max(tokio::time::Instant::now());
-            *next = at + BCRYPT_INTERVAL;
-            at
-        };
-        tokio::time::sleep_until(at).await;
-        let ok = bcrypt::verify(password.as_bytes(), hash).unwrap_or(false);
+            let now = std::time::Instant::now();
+            if now < *next {
+                return false;
+            }
+            *next = now + BCRYPT_INTERVAL;
+        }
+        // An unknown user is checked against a known user's hash too, and refused whatever the
+        // result: the answer takes as long either way.
+        let ok = bcrypt::verify(password.as_bytes(), hash).unwrap_or(false) && known.is_some();
         if ok {
             let mut verified = self
                 .verified
@@ -218,7 +242,11 @@ fn acceptor(path: &Path, t: &TlsFile) -> Result<tokio_rustls::TlsAcceptor, Strin
         .map_err(|e| bad(path, e))?;
     let mode = t.client_auth_type.as_deref().unwrap_or("NoClientCert");
     let builder = match (mode, &t.client_ca_file) {
-        ("NoClientCert", _) => builder.with_no_client_auth(),
+        // As the exporter-toolkit: a CA that no policy uses would only seem to check clients.
+        ("NoClientCert", Some(_)) => {
+            return Err(bad(path, "tls_server_config.client_ca_file without client_auth_type: name the policy (RequireAndVerifyClientCert)"))
+        }
+        ("NoClientCert", None) => builder.with_no_client_auth(),
         ("VerifyClientCertIfGiven" | "RequireAndVerifyClientCert", Some(ca)) => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in CertificateDer::pem_file_iter(ca)

@@ -247,6 +247,14 @@ fn web_configurations_that_cannot_be_honoured_are_refused_by_name() {
         ),
         ("{}\n".into(), "protects nothing"),
         (
+            format!("{tls}  client_ca_file: {}\n", d("ca.pem")),
+            "client_ca_file without client_auth_type",
+        ),
+        (
+            "basic_auth_users:\n  p: $2b$13$Iwtfg9wyqAHowaicJUbuG.7yAq5ubxYRquBMmaDEvI5b/XOlbJzFm\n".into(),
+            "bcrypt cost 13 is above 12",
+        ),
+        (
             format!(
                 "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
                 d("server.pem"),
@@ -281,5 +289,42 @@ fn web_configurations_that_cannot_be_honoured_are_refused_by_name() {
     std::fs::write(&file, json.to_string()).unwrap();
     let web = Web::load(&file).unwrap_or_else(|e| panic!("{e}"));
     assert!(web.tls.is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A flood of wrong passwords is refused without a queue: right after it, the right password is
+/// checked again within the bcrypt pace, not after the flood's backlog.
+#[tokio::test]
+async fn a_flood_of_wrong_passwords_leaves_no_backlog() {
+    let dir = std::env::temp_dir().join(unique_name("metrics-web-flood"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("web.yml");
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    std::fs::write(&file, format!("basic_auth_users:\n  prometheus: {hash}\n")).unwrap();
+    let web = Web::load(&file).unwrap();
+    let header = |credentials: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        )
+    };
+    for _ in 0..200 {
+        assert!(!web.authorized(Some(header("prometheus:wrong").as_bytes())));
+        assert!(!web.authorized(Some(header(&format!("nobody:{PASSWORD}")).as_bytes())));
+    }
+    let right = header(&format!("prometheus:{PASSWORD}"));
+    // 400 refusals queued at 4 a second would take 100 s; unqueued, one pace interval.
+    wait_until(
+        Duration::from_secs(3),
+        "the right password accepted after the flood",
+        || async { web.authorized(Some(right.as_bytes())) },
+    )
+    .await;
+    // Verified once, it passes at once, even while wrong ones keep coming.
+    for _ in 0..50 {
+        assert!(!web.authorized(Some(header("prometheus:wrong").as_bytes())));
+        assert!(web.authorized(Some(right.as_bytes())));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,8 @@
   services.sistema-mensajes.consumer = {
     settings.amqp.url = lib.mkForce "amqps://rabbit.example:5671/%2f?auth_mechanism=external";
     settings.postgres.url = lib.mkForce "postgres://weather_writer@db.example:5432/weather?sslmode=verify-full";
-    credentials = {
+    # (The split test's consumer1 already has a CA and a /metrics certificate: replaced here.)
+    credentials = lib.mapAttrs (_: lib.mkForce) {
       amqp-tls-ca = "/run/secrets/ca.pem";
       amqp-tls-cert = "/run/secrets/consumer.pem";
       amqp-tls-key = "/run/secrets/consumer.key";
@@ -17,6 +18,8 @@
       metrics-tls-key = "/run/secrets/metrics.key";
       metrics-client-ca = "/run/secrets/scrapers-ca.pem";
     };
-    metrics.basicAuthUsers.prometheus = "$2y$10$abcdefghijklmnopqrstuuJ0N6Wb2Xx4lHHl8E3A0pWvJXP4dQXeS";
+    metrics.basicAuthUsers = lib.mkForce {
+      prometheus = "$2y$10$abcdefghijklmnopqrstuuJ0N6Wb2Xx4lHHl8E3A0pWvJXP4dQXeS";
+    };
   };
 }
