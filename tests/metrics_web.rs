@@ -328,3 +328,52 @@ async fn a_flood_of_wrong_passwords_leaves_no_backlog() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Connections that never start their TLS handshake count against the same bound as any other:
+/// past [`sistema_mensajes::http::MAX_CONNECTIONS`] the oldest are closed at once, not when their
+/// handshake times out, and a real scrape still gets through.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_silent_in_the_tls_handshake_are_evicted_like_any_other() {
+    use std::io::Read;
+    let dir = std::env::temp_dir().join(unique_name("metrics-web-evict"));
+    std::fs::create_dir_all(&dir).unwrap();
+    pki(&dir);
+    let d = |f: &str| dir.join(f).display().to_string();
+    let token = CancellationToken::new();
+    let yaml = format!(
+        "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+        d("server.pem"),
+        d("server.key")
+    );
+    let port = serve(&dir, "web.yml", &yaml, &token).await;
+    let silent: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| {
+            let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let closed = |v: &[std::net::TcpStream]| {
+        v.iter()
+            .filter(|s| matches!((&mut &**s).read(&mut [0u8; 1]), Ok(0)))
+            .count()
+    };
+    let evicted = silent.len() - sistema_mensajes::http::MAX_CONNECTIONS;
+    // Well before the 5 s a handshake may take: closed because evicted, not because timed out.
+    wait_until(
+        Duration::from_secs(3),
+        "the oldest silent connections closed",
+        || {
+            let n = closed(&silent);
+            async move { n >= evicted }
+        },
+    )
+    .await;
+    let ca = s(&["--cacert", &d("ca.pem")]);
+    assert_eq!(
+        status(format!("https://localhost:{port}/metrics"), ca).await,
+        "200"
+    );
+    token.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
