@@ -208,6 +208,7 @@ let
       tls_config = {
         ca_file = tlsPath "prometheus" "daemon-ca";
       }
+      // lib.optionalAttrs (ds.serverName != null) { server_name = ds.serverName; }
       // lib.optionalAttrs (ds.certFile != null) {
         cert_file = tlsPath "prometheus" "daemon-cert";
         key_file = tlsPath "prometheus" "daemon-key";
@@ -219,6 +220,54 @@ let
         password_file = tlsPath "prometheus" "daemon-password";
       };
     };
+
+  # The daemons on this host whose job scrapes them: the module sets both sides, their /metrics
+  # (credentials.metrics-*, metrics.basicAuthUsers) and daemonScrape, and refuses a mismatch.
+  scrapedHere =
+    lib.filter
+      (d: top.${d}.enable && lib.any (t: lib.elem t (localTarget d)) cfg.prometheus.targets.${d})
+      [
+        "producer"
+        "consumer"
+      ];
+  credentialGiven = d: id: (top.${d}.credentials.${id} or null) != null;
+  daemonScrapeAssertions = lib.concatMap (
+    d:
+    let
+      where = "services.sistema-mensajes.${d} (on this host, scraped at ${lib.head (localTarget d)})";
+      users = top.${d}.metrics.basicAuthUsers;
+      webSettings = credentialGiven d "metrics-tls-cert" || users != { };
+    in
+    [
+      {
+        # One scrape_config per job: its TLS and authentication settings hold for every target.
+        assertion =
+          cfg.prometheus.targets.${d} == localTarget d
+          || (ds.caFile == null && ds.username == null && !webSettings);
+        message = "${where}: the job `${d}` scrapes it and daemons on other hosts with one set of settings (stack.prometheus.daemonScrape); scraping local and remote daemons with TLS or basic authentication in one job is not supported: run the daemons of a job all on other hosts, or all here.";
+      }
+      {
+        assertion = credentialGiven d "metrics-tls-cert" == (ds.caFile != null);
+        message =
+          if ds.caFile == null then
+            "${where} serves /metrics over TLS (credentials.metrics-tls-cert): set stack.prometheus.daemonScrape.caFile (the CA of that certificate) and, unless the certificate names ${lib.head (localTarget d)}, daemonScrape.serverName, so that Prometheus can verify it."
+          else
+            "${where} serves /metrics in plain http, but stack.prometheus.daemonScrape.caFile makes Prometheus scrape it over https: give it credentials.metrics-tls-cert and metrics-tls-key.";
+      }
+      {
+        assertion = if ds.username == null then users == { } else users ? ${ds.username};
+        message =
+          if ds.username == null then
+            "${where} asks for basic authentication (metrics.basicAuthUsers): set stack.prometheus.daemonScrape.username and passwordFile for one of its users."
+          else
+            "${where}: stack.prometheus.daemonScrape.username `${ds.username}` is not one of its metrics.basicAuthUsers.";
+      }
+      {
+        assertion = credentialGiven d "metrics-client-ca" -> ds.certFile != null;
+        message = "${where} requires a client certificate (credentials.metrics-client-ca): set stack.prometheus.daemonScrape.certFile and keyFile.";
+      }
+    ]
+  ) scrapedHere;
 
   # --- PostgreSQL -----------------------------------------------------------------------------
   pg = cfg.postgresql;
@@ -611,6 +660,12 @@ in
         passwordFile = h.secretFile "File with that user's password, handed to Prometheus as a credential (`basic_auth.password_file`).";
         certFile = h.secretFile "A client certificate (PEM) for daemons whose `/metrics` requires one (their `credentials.metrics-client-ca`), with `keyFile`. Prometheus's build-time check then runs with `--syntax-only` (promtool opens `cert_file` and `key_file`, which are credentials, there only at run time).";
         keyFile = h.secretFile "The client certificate's key (PEM, unencrypted).";
+        serverName = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "backend.example.org";
+          description = "Name the daemons' `/metrics` certificates are checked against (`tls_config.server_name`) instead of the target's host: for the daemons on this host, scraped at `127.0.0.1` unless their certificate holds that address.";
+        };
       };
       rules = generatedText "nixos/prometheus/alerts.yml with the consumer's `amqp.queue` and `amqp.dead_letter_queue` in place of weather_queue and weather_dead_letter." alertRules;
       exporterRules = generatedText "SistemaTargetMissing for the exporters' jobs this Prometheus scrapes." exporterRules;
@@ -1120,14 +1175,8 @@ in
             (ds.certFile == null) == (ds.keyFile == null) && (ds.certFile != null -> ds.caFile != null);
           message = "services.sistema-mensajes.stack.prometheus.daemonScrape: certFile and keyFile go together, and with caFile.";
         }
-        {
-          # Its jobs name the daemons on this host as 127.0.0.1, for which no certificate is
-          # issued, and those need not have TLS at all: not supported yet.
-          assertion =
-            (ds.caFile == null && ds.username == null) || !(top.producer.enable || top.consumer.enable);
-          message = "services.sistema-mensajes.stack.prometheus.daemonScrape applies to every daemon the jobs scrape, but a daemon runs on this host, scraped at 127.0.0.1 without TLS: scraping local and remote daemons differently is not supported yet.";
-        }
-      ];
+      ]
+      ++ daemonScrapeAssertions;
 
       # The daemons on this host let this Prometheus connect to their metrics sockets.
       services.sistema-mensajes = lib.genAttrs [ "producer" "consumer" ] (

@@ -245,6 +245,47 @@ def check_restarts_lose_nothing(machine, p):
         machine.wait_until_succeeds(f"test $({rows(p)}) -eq {sent}", timeout=120)
 
 
+def check_tls(machine, p):
+    """The one-host stack with TLS wherever one host has it (.ci/nixos-box --tls runs it between the
+    Prometheus check and the restarts): the daemons reach RabbitMQ and PostgreSQL over TLS with the
+    servers' certificates checked, plain text is refused where TLS is required, and Prometheus
+    scrapes the daemons' /metrics over https with basic authentication. `p["tls"]` names the CA,
+    the scrape user and the writer's password file."""
+    p = {**ONE_HOST_DEFAULTS, **p}
+    t = p["tls"]
+    with subtest("TLS: the daemons' broker connections are TLS, none is plain"):
+        conns = f"{p['rabbitmqctl']} list_connections user ssl --no-table-headers | awk '$1 ~ /^sistema-(producer|consumer)$/'"
+        machine.wait_until_succeeds(f"test \"$({conns} | awk '$2 == \"true\"' | wc -l)\" -eq 2", timeout=60)
+        machine.succeed(f"test -z \"$({conns} | awk '$2 != \"true\"')\"")
+
+    with subtest("TLS: the consumer's database sessions are TLS; plain text over TCP is refused"):
+        sessions = psql(p, "SELECT count(*) FILTER (WHERE s.ssl) || ' ' || count(*) FROM pg_stat_activity a"
+                           " JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'weather_writer'")
+        machine.wait_until_succeeds(f"read tls all <<<\"$({sessions})\" && test $tls -gt 0 -a $tls -eq $all", timeout=60)
+        tcp = f"host=127.0.0.1 port={p['pg_port']} dbname={p['database']} user=weather_writer"
+        password = f"PGPASSWORD=$(cat {t['writer_password']})"
+        refused(machine, f"{password} psql -X {shlex.quote(tcp + ' sslmode=disable')} -c 'SELECT 1'", "no encryption")
+        # With the password and the server's certificate checked, name included, the writer logs in.
+        verified = shlex.quote(f"{tcp.replace('127.0.0.1', 'localhost')} sslmode=verify-full sslrootcert={t['ca']}")
+        machine.succeed(f"test \"$({password} psql -X {verified} -tAc 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()')\" = t")
+        refused(machine, f"{password} psql -X {verified.replace('localhost', '127.0.0.1')} -c 'SELECT 1'",
+                r'server certificate for "localhost".* does not match host name "127.0.0.1"')
+
+    with subtest("TLS: Prometheus scrapes the daemons over https with basic authentication; /metrics refuses others"):
+        machine.wait_until_succeeds(
+            f"curl -sf http://127.0.0.1:{p['prometheus_port']}/api/v1/targets | jq -e '[.data.activeTargets[]"
+            " | select(.labels.job == \"producer\" or .labels.job == \"consumer\")"
+            " | (.scrapeUrl | startswith(\"https://\")) and .health == \"up\"] | length == 2 and all'",
+            timeout=120,
+        )
+        for port in (p["producer_port"], p["consumer_port"]):
+            url = f"https://localhost:{port}/metrics"
+            machine.succeed(f"curl -sf --cacert {t['ca']} -u {t['scrape_user']} {url} | grep -q '^# TYPE '")
+            machine.succeed(f"test \"$(curl -s -o /dev/null -w '%{{http_code}}' --cacert {t['ca']} {url})\" = 401")
+            machine.succeed(f"test \"$(curl -s -o /dev/null -w '%{{http_code}}' --cacert {t['ca']} -u prometheus:wrong {url})\" = 401")
+            refused(machine, f"curl -sS --max-time 5 http://127.0.0.1:{port}/metrics", r"curl: \(\d+\)")
+
+
 def one_host_checks(machine, p, between=()):
     """Every shared check, in the order the VM test runs them; `between` runs after Prometheus's
     check and before the restarts (the VM test's Grafana checks)."""
