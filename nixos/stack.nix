@@ -221,15 +221,13 @@ let
       };
     };
 
-  # The daemons on this host whose job scrapes them: the module sets both sides, their /metrics
-  # (credentials.metrics-*, metrics.basicAuthUsers) and daemonScrape, and refuses a mismatch.
-  scrapedHere =
-    lib.filter
-      (d: top.${d}.enable && lib.any (t: lib.elem t (localTarget d)) cfg.prometheus.targets.${d})
-      [
-        "producer"
-        "consumer"
-      ];
+  # The daemons on this host, whose job may scrape them however its targets spell this host
+  # (127.0.0.1, localhost, its name): their /metrics (credentials.metrics-*,
+  # metrics.basicAuthUsers) and daemonScrape must agree, and a mismatch is refused.
+  scrapedHere = lib.filter (d: top.${d}.enable && cfg.prometheus.targets.${d} != [ ]) [
+    "producer"
+    "consumer"
+  ];
   credentialGiven = d: id: (top.${d}.credentials.${id} or null) != null;
   daemonScrapeAssertions = lib.concatMap (
     d:
@@ -244,7 +242,7 @@ let
         assertion =
           cfg.prometheus.targets.${d} == localTarget d
           || (ds.caFile == null && ds.username == null && !webSettings);
-        message = "${where}: the job `${d}` scrapes it and daemons on other hosts with one set of settings (stack.prometheus.daemonScrape); scraping local and remote daemons with TLS or basic authentication in one job is not supported: run the daemons of a job all on other hosts, or all here.";
+        message = "${where}: the job `${d}` has targets other than this host's ${lib.head (localTarget d)} (stack.prometheus.targets.${d}), scraped with one set of settings (stack.prometheus.daemonScrape); with TLS or basic authentication, a job that scrapes a daemon on this host must keep the default target: scraping local and remote daemons with TLS or basic authentication in one job is not supported (run the daemons of a job all on other hosts, or all here).";
       }
       {
         assertion = credentialGiven d "metrics-tls-cert" == (ds.caFile != null);
@@ -1157,10 +1155,17 @@ in
       ) daemonScrapeCredentials;
       # prometheus/default.nix: checkConfig is bool or "syntax-only"; promtool stats cert_file.
       services.prometheus.checkConfig = lib.mkIf (ds.certFile != null) (mkDefault "syntax-only");
-      warnings = lib.optional (ds.username != null && ds.caFile == null) ''
-        services.sistema-mensajes.stack.prometheus.daemonScrape: a username without caFile sends the scrape
-        password over plain http.
-      '';
+      warnings =
+        lib.optional (ds.username != null && ds.caFile == null) ''
+          services.sistema-mensajes.stack.prometheus.daemonScrape: a username without caFile sends the scrape
+          password over plain http.
+        ''
+        ++ lib.optional (ds.caFile != null && ds.serverName == null && scrapedHere != [ ]) ''
+          services.sistema-mensajes.stack.prometheus.daemonScrape: this host's ${lib.concatStringsSep " and " scrapedHere}
+          are scraped over https at ${
+            lib.concatMapStringsSep ", " (d: lib.head (localTarget d)) scrapedHere
+          }; unless their /metrics certificate holds that address, set daemonScrape.serverName to a name it holds.
+        '';
       assertions = [
         {
           assertion = queueNameOk;

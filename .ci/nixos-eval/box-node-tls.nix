@@ -2,8 +2,8 @@
 # (.ci/nixos-box --tls). The stack's RabbitMQ and PostgreSQL serve TLS (`stack.tls`), the daemons
 # reach them over it with the servers' certificates checked (amqps://, sslmode=verify-full, as
 # the split test's remote daemons do), and serve /metrics over TLS with basic authentication,
-# which this host's Prometheus scrapes with `stack.prometheus.daemonScrape`: the module sets both
-# sides and refuses a mismatch. .ci/nixos-box writes the files below into the box at run time (a
+# which this host's Prometheus scrapes with `stack.prometheus.daemonScrape` (the module refuses the
+# two sides if they disagree). .ci/nixos-box writes the files below into the box at run time (a
 # test PKI made with openssl, root's, 0400, as a secrets manager leaves them); none is in the store.
 # Option sources: nixos/stack.nix (stack.tls, stack.rabbitmq.tls.port, stack.postgresql.tcp,
 # stack.prometheus.daemonScrape) and nixos/daemon.nix (credentials, metrics.basicAuthUsers).
