@@ -113,6 +113,9 @@ let
   given = id: (cfg.credentials.${id} or null) != null;
   withTlsFiles =
     section: url:
+    if lib.isList url then map (withTlsFiles section) url else withTlsFilesOne section url;
+  withTlsFilesOne =
+    section: url:
     let
       params = lib.mapAttrsToList (param: id: "${param}=${credentialPath id}") (
         lib.filterAttrs (_: given) tlsParameters.${section}
@@ -149,10 +152,12 @@ let
       param:
       given tlsParameters.${section}.${param}
       && lib.any (u: builtins.match ".*[?&]${param}=.*" u != null) (
-        lib.filter lib.isString [
-          (cfg.settings.${section}.url or null)
-          (cfg.settings.${section}.owner_url or null)
-        ]
+        lib.filter lib.isString (
+          lib.flatten [
+            (cfg.settings.${section}.url or null)
+            (cfg.settings.${section}.owner_url or null)
+          ]
+        )
       )
     ) (lib.attrNames tlsParameters.${section});
   postgresUrl = cfg.settings.postgres.url or "";
@@ -191,7 +196,7 @@ let
   # are filtered by the socket unit's own list, never the service's (systemd.resource-control(5),
   # IPAddressAllow=: "the IP access list configured for the service is not applied to any sockets
   # passed into the service via socket activation").
-  addresses = h.urlAddresses (map (k: cfg.settings.${k}.url) connectsTo);
+  addresses = h.urlAddresses (lib.concatMap (k: lib.toList cfg.settings.${k}.url) connectsTo);
   loopbackOnly = lib.all (
     a:
     lib.elem a (
@@ -239,7 +244,11 @@ in
         freeformType = toml.type;
         options = {
           amqp = {
-            url = url "amqp://guest@127.0.0.1:5672/%2f" "Broker URI without the password (one in it fails evaluation: this file is in the world-readable store).";
+            url = mkOption {
+              type = types.either h.urlWithoutPassword (types.nonEmptyListOf h.urlWithoutPassword);
+              default = "amqp://guest@127.0.0.1:5672/%2f";
+              description = "Broker URI without the password (one in it fails evaluation: this file is in the world-readable store); or a list of them, one per node of a RabbitMQ cluster: the daemon connects to the first that answers, and after a lost connection tries the next first.";
+            };
             password_file = secret "File with the broker password. Handed to the daemon as the credential `amqp-password` (`LoadCredential=`, so it may be readable by root only) instead of as a path, and then preferred to `credentials.amqp-password`.";
             declare = bool true ''
               Whether the daemon declares the exchanges and queues it uses (which needs the broker's
@@ -367,8 +376,8 @@ in
       {
         assertion =
           !(lib.any given (lib.attrValues tlsParameters.amqp))
-          || lib.hasPrefix "amqps://" cfg.settings.amqp.url;
-        message = "services.sistema-mensajes.${daemon}: credentials.amqp-tls-* are set, but settings.amqp.url is not `amqps://`: the broker would be reached in plain text.";
+          || lib.all (lib.hasPrefix "amqps://") (lib.toList cfg.settings.amqp.url);
+        message = "services.sistema-mensajes.${daemon}: credentials.amqp-tls-* are set, but settings.amqp.url is not `amqps://` (each URL, if a list): the broker would be reached in plain text.";
       }
       {
         assertion = given "metrics-tls-cert" == given "metrics-tls-key";

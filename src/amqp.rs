@@ -384,7 +384,7 @@ fn object(cfg: &AmqpConfig, what: String) -> String {
     }
 }
 
-/// Arguments of the main queue. `Classic` declares none, so a queue the older system created
+/// Arguments of a queue of `queue_type`. `Classic` declares none, so a queue the older system created
 /// (durable, no arguments) is redeclared without a PRECONDITION_FAILED.
 fn queue_arguments(queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
@@ -395,6 +395,14 @@ fn queue_arguments(queue_type: QueueType) -> FieldTable {
         );
     }
     args
+}
+
+/// [`queue_arguments`] as the errors name them.
+fn described(queue_type: QueueType) -> &'static str {
+    match queue_type {
+        QueueType::Quorum => "x-queue-type=quorum",
+        QueueType::Classic => "no arguments",
+    }
 }
 
 /// Declares, idempotently, the durable direct exchange, the durable queue and their binding; with
@@ -427,13 +435,12 @@ pub async fn declare_topology(
     )
     .await
     .map_err(declaring(|| {
-        let args = match cfg.queue_type {
-            QueueType::Quorum => "x-queue-type=quorum",
-            QueueType::Classic => "no arguments",
-        };
         object(
             cfg,
-            format!("queue `{queue}` (durable, {args}; amqp.queue_type)"),
+            format!(
+                "queue `{queue}` (durable, {}; amqp.queue_type)",
+                described(cfg.queue_type)
+            ),
         )
     }))?;
     if !cfg.declare {
@@ -481,14 +488,21 @@ pub async fn declare_dead_letter(ch: &Channel, cfg: &AmqpConfig) -> Result<(), A
             format!("dead-letter exchange `{exchange}` (fanout, durable)"),
         )
     }))?;
-    ch.queue_declare(queue.into(), durable_queue(cfg), FieldTable::default())
-        .await
-        .map_err(declaring(|| {
-            object(
-                cfg,
-                format!("dead-letter queue `{queue}` (durable, no arguments)"),
-            )
-        }))?;
+    ch.queue_declare(
+        queue.into(),
+        durable_queue(cfg),
+        queue_arguments(cfg.dead_letter_queue_type),
+    )
+    .await
+    .map_err(declaring(|| {
+        object(
+            cfg,
+            format!(
+                "dead-letter queue `{queue}` (durable, {}; amqp.dead_letter_queue_type)",
+                described(cfg.dead_letter_queue_type)
+            ),
+        )
+    }))?;
     if !cfg.declare {
         return Ok(());
     }

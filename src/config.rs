@@ -136,9 +136,9 @@ pub enum QueueType {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
-    /// AMQP URI without the password, e.g. `amqp://guest@127.0.0.1:5672/%2f`.
-    #[serde(deserialize_with = "quiet_url")]
-    pub url: Url,
+    /// AMQP URI without the password, e.g. `amqp://guest@127.0.0.1:5672/%2f`; or a list of them,
+    /// one per node of a RabbitMQ cluster, tried in turn.
+    pub url: BrokerUrls,
     /// File holding the password. Without it, the credential `amqp-password` is used if present.
     pub password_file: Option<PathBuf>,
     /// Durable direct exchange readings are published to.
@@ -150,6 +150,10 @@ pub struct AmqpConfig {
     /// Fanout exchange and queue that rejected messages are republished to, with their reason.
     pub dead_letter_exchange: AmqpName,
     pub dead_letter_queue: AmqpName,
+    /// The dead-letter queue's type (a new queue only, as `queue_type`). On a RabbitMQ cluster
+    /// both should be `quorum`: a classic queue lives on one node, and while that node is down
+    /// it cannot be declared, so no consumer could start.
+    pub dead_letter_queue_type: QueueType,
     /// Unacknowledged deliveries the broker may push to the consumer (`basic.qos`).
     pub prefetch: u16,
     /// Declare the exchanges, queues and bindings at start, which needs RabbitMQ's `configure`
@@ -162,7 +166,7 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            url: local_url("amqp://guest@127.0.0.1:5672/%2f"),
+            url: local_url("amqp://guest@127.0.0.1:5672/%2f").into(),
             password_file: None,
             exchange: AmqpName("weather".into()),
             routing_key: AmqpName("weather_key".into()),
@@ -170,9 +174,110 @@ impl Default for AmqpConfig {
             queue_type: QueueType::Classic,
             dead_letter_exchange: AmqpName("weather_dead_letter".into()),
             dead_letter_queue: AmqpName("weather_dead_letter".into()),
+            dead_letter_queue_type: QueueType::Classic,
             prefetch: 2000,
             declare: true,
         }
+    }
+}
+
+/// `amqp.url`: one broker URL, or a list of the nodes of a RabbitMQ cluster
+/// (`url = ["amqp://sistema@rabbit1:5672/%2f", "amqp://sistema@rabbit2:5672/%2f"]`). A daemon
+/// connects to the first that answers, and after a lost connection tries the next one first.
+/// Never empty. One URL is written back as a string, several as a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrls {
+    first: Url,
+    rest: Vec<Url>,
+}
+
+impl From<Url> for BrokerUrls {
+    fn from(first: Url) -> Self {
+        Self {
+            first,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl BrokerUrls {
+    pub fn first(&self) -> &Url {
+        &self.first
+    }
+
+    pub fn first_mut(&mut self) -> &mut Url {
+        &mut self.first
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Url> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+
+    pub fn len(&self) -> usize {
+        1 + self.rest.len()
+    }
+
+    /// Always `false`: there is at least one URL. (Clippy asks for it beside `len`.)
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn map(&self, f: impl Fn(&Url) -> Url) -> Self {
+        Self {
+            first: f(&self.first),
+            rest: self.rest.iter().map(f).collect(),
+        }
+    }
+
+    /// The config key of entry `i` in errors: `amqp.url` for a single URL, `amqp.url[2]` (the
+    /// third) in a list.
+    fn describe(&self, i: usize, e: impl std::fmt::Display) -> String {
+        if self.rest.is_empty() {
+            e.to_string()
+        } else {
+            format!("entry {i} (counting from 0): {e}")
+        }
+    }
+}
+
+impl Serialize for BrokerUrls {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.rest.is_empty() {
+            s.serialize_str(self.first.as_str())
+        } else {
+            s.collect_seq(self.iter().map(Url::as_str))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BrokerUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        // As `quiet_url`: the error never quotes the text, which may hold a password.
+        let parse = |text: &str| {
+            Url::parse(text).map_err(|e| serde::de::Error::custom(format!("not a valid URL ({e})")))
+        };
+        let texts = match OneOrMany::deserialize(d)
+            .map_err(|_: D::Error| serde::de::Error::custom("expected a URL or a list of URLs"))?
+        {
+            OneOrMany::One(text) => vec![text],
+            OneOrMany::Many(texts) => texts,
+        };
+        let mut urls = texts.iter().map(|t| parse(t));
+        let Some(first) = urls.next() else {
+            return Err(serde::de::Error::custom(
+                "an empty list: name at least one broker",
+            ));
+        };
+        Ok(Self {
+            first: first?,
+            rest: urls.collect::<Result<_, _>>()?,
+        })
     }
 }
 
@@ -503,14 +608,15 @@ pub trait DaemonConfig: Default + Serialize + DeserializeOwned {
 }
 
 fn validate_url(key: &'static str, url: &Url, schemes: &[&str]) -> Result<(), ConfigError> {
+    check_url(url, schemes).map_err(|e| invalid(key, e))
+}
+
+fn check_url(url: &Url, schemes: &[&str]) -> Result<(), String> {
     if !schemes.contains(&url.scheme()) {
-        return Err(invalid(
-            key,
-            format!(
-                "scheme `{}` is not one of {}",
-                url.scheme(),
-                schemes.join(", ")
-            ),
+        return Err(format!(
+            "scheme `{}` is not one of {}",
+            url.scheme(),
+            schemes.join(", ")
         ));
     }
     // PostgreSQL URLs may name the host in the query instead, as libpq does: a Unix socket
@@ -520,10 +626,10 @@ fn validate_url(key: &'static str, url: &Url, schemes: &[&str]) -> Result<(), Co
     if url.fragment().is_some() {
         // libpq and tokio-postgres read `#` as part of a value (`password=ab#cd`); here it would
         // start a fragment, and be neither redacted nor passed on as written.
-        return Err(invalid(key, "the URL has a `#`: percent-encode it as %23"));
+        return Err("the URL has a `#`: percent-encode it as %23".into());
     }
     if url.host_str().is_none_or(str::is_empty) && !host_param {
-        return Err(invalid(key, "the URL names no host"));
+        return Err("the URL names no host".into());
     }
     Ok(())
 }
@@ -533,8 +639,11 @@ fn validate_common(
     retry: &RetryConfig,
     log: &LogConfig,
 ) -> Result<(), ConfigError> {
-    validate_url("amqp.url", &amqp.url, &["amqp", "amqps"])?;
-    crate::amqp::tls_client(&amqp.url).map_err(|e| invalid("amqp.url", e))?;
+    for (i, url) in amqp.url.iter().enumerate() {
+        let describe = |e| invalid("amqp.url", amqp.url.describe(i, e));
+        check_url(url, &["amqp", "amqps"]).map_err(describe)?;
+        crate::amqp::tls_client(url).map_err(describe)?;
+    }
     if amqp.prefetch == 0 {
         return Err(invalid("amqp.prefetch", "must be at least 1"));
     }
@@ -672,7 +781,7 @@ impl DaemonConfig for ConsumerConfig {
 
     fn redacted(&self) -> Self {
         let mut c = self.clone();
-        c.amqp.url = redact_url(&c.amqp.url);
+        c.amqp.url = c.amqp.url.map(redact_url);
         c.postgres.url = redact_url(&c.postgres.url);
         c.postgres.owner_url = c.postgres.owner_url.as_ref().map(redact_url);
         c
@@ -720,7 +829,7 @@ impl DaemonConfig for ProducerConfig {
 
     fn redacted(&self) -> Self {
         let mut c = self.clone();
-        c.amqp.url = redact_url(&c.amqp.url);
+        c.amqp.url = c.amqp.url.map(redact_url);
         c
     }
 }
@@ -761,13 +870,14 @@ fn check_pg_tls_files(key: &'static str, url: &Url) -> Result<(), ConfigError> {
 impl AmqpConfig {
     /// With `amqps://`, the CA, certificate and key files can be read and used.
     pub fn check_tls_files(&self) -> Result<(), ConfigError> {
-        if let Some(client) =
-            crate::amqp::tls_client(&self.url).map_err(|e| invalid("amqp.url", e))?
-        {
-            client
-                .config
-                .config()
-                .map_err(|e| invalid("amqp.url", e.to_string()))?;
+        for (i, url) in self.url.iter().enumerate() {
+            let describe = |e| invalid("amqp.url", self.url.describe(i, e));
+            if let Some(client) = crate::amqp::tls_client(url).map_err(describe)? {
+                client
+                    .config
+                    .config()
+                    .map_err(|e| describe(e.to_string()))?;
+            }
         }
         Ok(())
     }
@@ -782,9 +892,24 @@ impl AmqpConfig {
         )?)
     }
 
-    /// The URI lapin connects to, with the password filled in.
-    pub fn connect_uri(&self, password: Option<&Secret>) -> Secret {
-        Secret::new(with_password(&self.url, password).to_string())
+    /// The brokers lapin connects to, in order, each URI with the password filled in.
+    pub fn brokers(&self, password: Option<&Secret>) -> crate::broker::Brokers {
+        crate::broker::Brokers::new(
+            self.url
+                .iter()
+                .map(|url| {
+                    let address = format!(
+                        "{}:{}",
+                        url.host_str().unwrap_or_default(),
+                        url.port_or_known_default().unwrap_or(5672)
+                    );
+                    (
+                        address,
+                        Secret::new(with_password(url, password).to_string()),
+                    )
+                })
+                .collect(),
+        )
     }
 }
 
@@ -850,7 +975,10 @@ mod tests {
         assert_eq!(c.amqp.exchange.as_str(), "weather");
         assert_eq!(c.amqp.queue.as_str(), "weather_queue");
         assert_eq!(c.amqp.routing_key.as_str(), "weather_key");
-        assert_eq!(c.amqp.url.as_str(), "amqp://guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            c.amqp.url.first().as_str(),
+            "amqp://guest@127.0.0.1:5672/%2f"
+        );
         assert_eq!(
             c.postgres.url.as_str(),
             "postgres://postgres@127.0.0.1:5432/postgres"
@@ -1068,7 +1196,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("postgres.url"));
-        c.amqp.url = Url::parse("amqp:///%2f?host=/run/rabbitmq").unwrap();
+        c.amqp.url = Url::parse("amqp:///%2f?host=/run/rabbitmq").unwrap().into();
         c.postgres.url = Url::parse("postgres:///weather?host=/run/postgresql").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("amqp.url"));
     }
@@ -1076,7 +1204,7 @@ mod tests {
     #[test]
     fn rendered_config_hides_inline_passwords() {
         let mut c = ConsumerConfig::default();
-        c.amqp.url = Url::parse("amqp://u:topsecret@h:5672/%2f").unwrap();
+        c.amqp.url = Url::parse("amqp://u:topsecret@h:5672/%2f").unwrap().into();
         c.postgres.url = Url::parse("postgres://u:topsecret@h/db").unwrap();
         let text = render(&c);
         assert!(!text.contains("topsecret"), "{text}");
@@ -1140,9 +1268,76 @@ mod tests {
     }
 
     #[test]
-    fn connect_uri_fills_in_the_password() {
+    fn brokers_fill_in_the_password() {
         let c = AmqpConfig::default();
-        let uri = c.connect_uri(Some(&Secret::new("p@ss")));
+        let mut brokers = c.brokers(Some(&Secret::new("p@ss")));
+        let (address, uri) = brokers.advance().unwrap();
+        assert_eq!(address, "127.0.0.1:5672");
         assert_eq!(uri.expose(), "amqp://guest:p%40ss@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn amqp_url_takes_a_list_of_brokers_tried_in_turn() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                r#"[amqp]
+url = ["amqp://u:topsecret@rabbit1/%2f", "amqps://u@[2001:db8::2]:5671/%2f?cacertfile=/ca.pem", "amqp://u@rabbit3:5673/%2f"]
+"#,
+            )?;
+            let c: ConsumerConfig = load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(c.amqp.url.len(), 3);
+            let mut brokers = c.amqp.brokers(Some(&Secret::new("pw")));
+            let order: Vec<String> = (0..4)
+                .map(|_| brokers.advance().unwrap().0.to_owned())
+                .collect();
+            assert_eq!(
+                order,
+                [
+                    "rabbit1:5672",
+                    "[2001:db8::2]:5671",
+                    "rabbit3:5673",
+                    "rabbit1:5672"
+                ]
+            );
+            // Rendered back as a list, each password redacted.
+            let text = render(&c);
+            assert!(!text.contains("topsecret"), "{text}");
+            assert!(
+                text.contains("url = [\"amqp://u:REDACTED@rabbit1/%2f\""),
+                "{text}"
+            );
+            // One URL stays a string.
+            assert!(render(&ConsumerConfig::default()).contains("url = \"amqp://guest@"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_broker_in_the_list_is_named_by_its_place() {
+        Jail::expect_with(|jail| {
+            for (list, expected) in [
+                (
+                    r#"["amqp://a/%2f", "http://b/"]"#,
+                    "entry 1 (counting from 0): scheme `http`",
+                ),
+                (
+                    r#"["amqp://a/%2f", "amqps://b/%2f?verify=verify_none"]"#,
+                    "entry 1 (counting from 0):",
+                ),
+                ("[]", "an empty list"),
+                (r#"["amqp://a/%2f", "not a url"]"#, "not a valid URL"),
+            ] {
+                jail.create_file("c.toml", &format!("[amqp]\nurl = {list}\n"))?;
+                let e = load::<ConsumerConfig>(Some(Path::new("c.toml")))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains("amqp.url") && e.contains(expected),
+                    "{list}: {e}"
+                );
+            }
+            Ok(())
+        });
     }
 }

@@ -9,6 +9,7 @@
 //! * `station`: the producer's simulated stations.
 //! * `silent_stations`: the stations the consumer has heard from, and which fell silent.
 //! * `amqp`: connecting to RabbitMQ, the topology both daemons declare, dead-letter properties.
+//! * `broker`: the brokers of `amqp.url` and the one reconnect loop both daemons run on them.
 //! * `db`: PostgreSQL: connect, migrate, insert batches idempotently.
 //! * `batch`: a pure batcher (size or age).
 //! * `consumer`: reader, writer, dead-lettering and settlement of the consumer daemon.
@@ -20,6 +21,7 @@
 
 pub mod amqp;
 pub mod batch;
+pub mod broker;
 pub mod config;
 pub mod consumer;
 pub mod daemon;

@@ -18,10 +18,11 @@ use futures_util::FutureExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation, Connection};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 use uuid::Uuid;
 
 use crate::amqp;
+use crate::broker;
 use crate::config::ProducerConfig;
 use crate::health::{Health, Phase};
 use crate::metrics::ProducerMetrics;
@@ -208,7 +209,7 @@ pub async fn run(
     token: CancellationToken,
 ) -> Result<Summary, ProducerError> {
     let password = crate::secret::loaded("amqp", cfg.amqp.password()?);
-    let uri = cfg.amqp.connect_uri(password.as_ref());
+    let mut brokers = cfg.amqp.brokers(password.as_ref());
     let source = match mode {
         Mode::Simulate => Source::Stations {
             stations: Box::new(Stations::new(cfg.simulation.stations)),
@@ -236,10 +237,20 @@ pub async fn run(
         log: LogLimiter::new(5, Duration::from_secs(10)),
         health: deps.health.clone(),
     };
-    publisher
-        .run(&uri, &deps.health, &token)
+    let (retry_cfg, metrics) = (publisher.cfg.retry.clone(), publisher.metrics.clone());
+    let around = broker::Around {
+        retry: &retry_cfg,
+        health: &deps.health,
+        errors: &metrics.amqp_connection_errors,
+        stage: "sending",
+        token: &token,
+    };
+    if let Some((conn, _)) = broker::run(&mut publisher, &mut brokers, around)
         .instrument(info_span!("publish"))
-        .await;
+        .await
+    {
+        amqp::close(&conn, "producer stopping").await;
+    }
     publisher.summary.unconfirmed = publisher.retry.len() as u64 + publisher.source.unsent();
     Ok(publisher.summary)
 }
@@ -257,62 +268,48 @@ async fn open(
     .await
 }
 
-impl Publisher {
-    async fn run(&mut self, uri: &Secret, health: &Health, token: &CancellationToken) {
-        let mut reconnect = retry::Reconnect::new(&self.cfg.retry);
-        loop {
-            health.set_phase(Phase::WaitingForBroker);
-            let metrics = self.metrics.clone();
-            let connected = retry::until_ok(
-                "rabbitmq",
-                &self.cfg.retry,
-                token,
-                || {
-                    health.beat();
-                    open(&self.cfg, uri)
-                },
-                |e: &amqp::AmqpError| {
-                    metrics.amqp_connection_errors.inc();
-                    health.set_problem(Some(e.problem()));
-                    if let Some(check) = e.tls_check() {
-                        error!(message = "TLS to RabbitMQ failed; retrying in case the server is fixed.", check, error = %e, error_type = "tls", stage = "receiving");
-                    } else if e.is_refusal() {
-                        error!(message = "RabbitMQ refuses our topology; retrying in case it is mended.", error = %e, error_type = "topology_refused", stage = "receiving");
-                    }
-                },
-            )
-            .await;
-            let Some((conn, channel)) = connected else {
-                return;
-            };
-            info!(
-                message = "Publishing.",
-                exchange = self.cfg.amqp.exchange.as_str(),
-                routing_key = self.cfg.amqp.routing_key.as_str(),
-                confirm_window = self.cfg.simulation.confirm_window,
-                retrying = self.retry.len()
-            );
-            health.set_problem(None);
-            health.set_phase(Phase::Running);
-            reconnect.connected();
-            match self.session(&conn, &channel, health, token).await {
-                Ok(()) => {
-                    amqp::close(&conn, "producer stopping").await;
-                    return;
-                }
-                Err(e) => {
-                    self.metrics.blocked.set(0);
-                    self.metrics.amqp_connection_errors.inc();
-                    health.set_problem(Some(format!("broker connection lost: {e}")));
-                    warn!(message = "Lost the RabbitMQ connection; unconfirmed readings will be republished.", error = %e, error_type = "connection_lost", stage = "sending", retrying = self.retry.len());
-                    if !reconnect.pause(token).await {
-                        return;
-                    }
-                }
-            }
-        }
+impl broker::Session for Publisher {
+    type Link = (Connection, Channel);
+
+    async fn open(&mut self, uri: &Secret) -> Result<Self::Link, amqp::AmqpError> {
+        open(&self.cfg, uri).await
     }
 
+    fn started(&mut self, broker: &str) {
+        info!(
+            message = "Publishing.",
+            exchange = self.cfg.amqp.exchange.as_str(),
+            routing_key = self.cfg.amqp.routing_key.as_str(),
+            confirm_window = self.cfg.simulation.confirm_window,
+            retrying = self.retry.len(),
+            broker
+        );
+    }
+
+    async fn work(
+        &mut self,
+        (conn, channel): &Self::Link,
+        token: &CancellationToken,
+    ) -> Result<(), broker::Lost> {
+        let health = self.health.clone();
+        self.session(conn, channel, &health, token)
+            .await
+            .map_err(|e| {
+                self.metrics.blocked.set(0);
+                warn!(message = "Lost the RabbitMQ connection; unconfirmed readings will be republished.", error = %e, error_type = "connection_lost", stage = "sending", retrying = self.retry.len());
+                broker::Lost {
+                    reason: e.to_string(),
+                    failure: true,
+                }
+            })
+    }
+
+    async fn close(&mut self, (conn, _): Self::Link) {
+        amqp::close(&conn, "producer reconnecting").await;
+    }
+}
+
+impl Publisher {
     /// Publishes on one channel until done (`Ok`) or the channel fails (`Err`); on failure every
     /// unconfirmed reading is back in the retry queue.
     async fn session(

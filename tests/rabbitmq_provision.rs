@@ -54,12 +54,11 @@ fn provision(names: &Names, specs: &[String]) -> String {
 }
 
 async fn connect_as(cfg: &AmqpConfig, user: &str, password_file: &Path) -> Connection {
-    let mut url = cfg.url.clone();
-    url.set_username(user).unwrap();
+    let mut cfg = cfg.clone();
+    cfg.url.first_mut().set_username(user).unwrap();
     let password = std::fs::read_to_string(password_file).unwrap();
-    let uri =
-        AmqpConfig { url, ..cfg.clone() }.connect_uri(Some(&Secret::new(password.trim_end())));
-    amqp::connect(&uri, "provision-test", None).await.unwrap()
+    let mut brokers = cfg.brokers(Some(&Secret::new(password.trim_end())));
+    brokers.connect("provision-test", None).await.unwrap().0
 }
 
 /// Declaring a queue outside our names must be refused (ACCESS_REFUSED closes the channel).
@@ -143,7 +142,7 @@ async fn each_daemon_gets_only_what_it_uses_and_a_provisioning_step_owns_the_top
     let amqp_cfg = cfg.amqp.clone();
     let as_role = |role: &str| {
         let mut c = cfg.clone();
-        c.amqp.url.set_username(&user(role)).unwrap();
+        c.amqp.url.first_mut().set_username(&user(role)).unwrap();
         c.amqp.password_file = Some(file(role));
         c
     };
@@ -178,7 +177,7 @@ async fn each_daemon_gets_only_what_it_uses_and_a_provisioning_step_owns_the_top
         .arg("declare-topology")
         .env_remove("CREDENTIALS_DIRECTORY")
         .envs(names.consumer_env())
-        .env("CONSUMER_AMQP__URL", topology.amqp.url.as_str())
+        .env("CONSUMER_AMQP__URL", topology.amqp.url.first().as_str())
         .env("CONSUMER_AMQP__PASSWORD_FILE", file("topology"))
         .output()
         .unwrap();

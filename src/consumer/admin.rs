@@ -58,13 +58,10 @@ pub async fn declare_topology(cfg: &AmqpConfig) -> Result<(), AdminError> {
         ..cfg.clone()
     };
     let password = crate::secret::loaded("amqp", cfg.password()?);
-    let uri = cfg.connect_uri(password.as_ref());
-    let conn = amqp::bounded(amqp::connect(
-        &uri,
-        "sistema-mensajes declare-topology",
-        None,
-    ))
-    .await?;
+    let (conn, _) = cfg
+        .brokers(password.as_ref())
+        .connect("sistema-mensajes declare-topology", None)
+        .await?;
     let declared = amqp::bounded(async {
         let ch = conn.create_channel().await?;
         amqp::declare_topology(&ch, &cfg, true).await

@@ -26,11 +26,11 @@ use tracing::{error, info, warn};
 
 use super::settle::Link;
 use crate::amqp::{self, AmqpError};
+use crate::broker::Brokers;
 use crate::config::{AmqpConfig, RetryConfig};
 use crate::metrics::ConsumerMetrics;
 use crate::reading::Rejection;
 use crate::retry;
-use crate::secret::Secret;
 use crate::telemetry::LogLimiter;
 
 /// The bytes and properties of a delivery, kept until it is settled (to dead-letter it).
@@ -88,7 +88,7 @@ struct Held {
 pub struct DeadLetter {
     cfg: AmqpConfig,
     retry_cfg: RetryConfig,
-    uri: Secret,
+    brokers: Brokers,
     /// The dead-letter connection, and its confirm channel.
     conn: Option<Connection>,
     channel: Option<Channel>,
@@ -103,12 +103,12 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    pub fn new(cfg: AmqpConfig, retry_cfg: RetryConfig, uri: Secret) -> Self {
+    pub fn new(cfg: AmqpConfig, retry_cfg: RetryConfig, brokers: Brokers) -> Self {
         Self {
             delays: Box::new(retry::delays(&retry_cfg)),
             cfg,
             retry_cfg,
-            uri,
+            brokers,
             conn: None,
             channel: None,
             held: Vec::new(),
@@ -370,7 +370,7 @@ impl DeadLetter {
         }
         if !self.conn.as_ref().is_some_and(|c| c.status().connected()) {
             let name = "sistema-mensajes consumer dead letters";
-            self.conn = Some(amqp::bounded(amqp::connect(&self.uri, name, None)).await?);
+            self.conn = Some(self.brokers.connect(name, None).await?.0);
         }
         let conn = self
             .conn

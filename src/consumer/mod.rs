@@ -42,7 +42,8 @@ use self::settle::Link;
 use self::writer::{Batch, Delivered, Writer};
 use crate::amqp;
 use crate::batch::Batcher;
-use crate::config::{ConfigError, ConsumerConfig};
+use crate::broker::{self, Brokers};
+use crate::config::{ConfigError, ConsumerConfig, QueueType};
 use crate::db::{Db, DbError};
 use crate::health::{Health, Phase};
 use crate::metrics::{ConsumerMetrics, RateWindow, RATE_WINDOW};
@@ -87,8 +88,13 @@ pub async fn run(
 ) -> Result<(), ConsumerError> {
     let amqp_password = crate::secret::loaded("amqp", cfg.amqp.password()?);
     let pg_password = crate::secret::loaded("postgres", cfg.postgres.password()?);
-    let amqp_uri = cfg.amqp.connect_uri(amqp_password.as_ref());
+    let mut brokers = cfg.amqp.brokers(amqp_password.as_ref());
     let crate::daemon::Deps { metrics, health } = deps;
+    if cfg.amqp.queue_type == QueueType::Quorum
+        && cfg.amqp.dead_letter_queue_type == QueueType::Classic
+    {
+        warn!(message = "The queue is a quorum queue, its dead-letter queue a classic one: on a RabbitMQ cluster, while the node that holds the dead-letter queue is down no consumer can start; set amqp.dead_letter_queue_type = \"quorum\" (for a new queue).", queue = cfg.amqp.queue.as_str(), dead_letter_queue = cfg.amqp.dead_letter_queue.as_str());
+    }
     metrics.configure_stations(&cfg.stations);
 
     health.set_phase(Phase::WaitingForDatabase);
@@ -106,7 +112,7 @@ pub async fn run(
     let writer = tracker.spawn(
         Writer {
             db: Some(db),
-            dead_letter: DeadLetter::new(cfg.amqp.clone(), cfg.retry.clone(), amqp_uri.clone()),
+            dead_letter: DeadLetter::new(cfg.amqp.clone(), cfg.retry.clone(), brokers.clone()),
             cfg: cfg.clone(),
             password: pg_password,
             metrics: metrics.clone(),
@@ -121,7 +127,7 @@ pub async fn run(
     tracker.spawn(rate_gauge(metrics.clone(), token.clone()));
     tracker.close();
 
-    let link = read(&cfg, &amqp_uri, &tx, &metrics, &health, &token)
+    let link = read(&cfg, &mut brokers, &tx, &metrics, &health, &token)
         .instrument(info_span!("consume"))
         .await;
     health.set_phase(Phase::Stopping);
@@ -181,65 +187,87 @@ async fn rate_gauge(metrics: Arc<ConsumerMetrics>, token: CancellationToken) {
 /// One link after another until cancelled; returns the last one, still open.
 async fn read(
     cfg: &ConsumerConfig,
-    uri: &Secret,
+    brokers: &mut Brokers,
     tx: &mpsc::Sender<Batch>,
     metrics: &ConsumerMetrics,
     health: &Health,
     token: &CancellationToken,
 ) -> Option<Arc<Link>> {
-    let mut reconnect = retry::Reconnect::new(&cfg.retry);
-    // Small frames keep memory small (see [`amqp::FRAME_MAX`]) until a message's headers need
-    // more: RabbitMQ never splits them, and lapin closes a connection that receives a larger
-    // frame; that message would come back at the head of the queue forever.
-    let mut frame_max = None;
-    loop {
-        health.set_phase(Phase::WaitingForBroker);
-        let link = retry::until_ok(
-            "rabbitmq",
-            &cfg.retry,
-            token,
-            || {
-                health.beat();
-                open(cfg, uri, metrics, frame_max)
-            },
-            |e: &amqp::AmqpError| {
-                metrics.amqp_connection_errors.inc();
-                health.set_problem(Some(e.problem()));
-                    if let Some(check) = e.tls_check() {
-                        error!(message = "TLS to RabbitMQ failed; retrying in case the server is fixed.", check, error = %e, error_type = "tls", stage = "receiving");
-                    } else if e.is_refusal() {
-                        error!(message = "RabbitMQ refuses our topology; retrying in case it is mended.", error = %e, error_type = "topology_refused", stage = "receiving");
-                    }
-            },
-        )
-        .await?;
-        let link = Arc::new(link);
+    let mut reader = Reader {
+        cfg,
+        tx,
+        metrics,
+        health,
+        frame_max: None,
+    };
+    let around = broker::Around {
+        retry: &cfg.retry,
+        health,
+        errors: &metrics.amqp_connection_errors,
+        stage: "receiving",
+        token,
+    };
+    broker::run(&mut reader, brokers, around).await
+}
+
+/// The consumer's work on a link: consume, gather batches and hand them to the writer.
+struct Reader<'a> {
+    cfg: &'a ConsumerConfig,
+    tx: &'a mpsc::Sender<Batch>,
+    metrics: &'a ConsumerMetrics,
+    health: &'a Health,
+    /// Small frames keep memory small (see [`amqp::FRAME_MAX`]) until a message's headers need
+    /// more: RabbitMQ never splits them, and lapin closes a connection that receives a larger
+    /// frame; that message would come back at the head of the queue forever.
+    frame_max: Option<u32>,
+}
+
+impl broker::Session for Reader<'_> {
+    type Link = Arc<Link>;
+
+    async fn open(&mut self, uri: &Secret) -> Result<Arc<Link>, amqp::AmqpError> {
+        open(self.cfg, uri, self.metrics, self.frame_max)
+            .await
+            .map(Arc::new)
+    }
+
+    fn started(&mut self, broker: &str) {
         info!(
             message = "Consuming.",
-            queue = cfg.amqp.queue.as_str(),
-            prefetch = cfg.amqp.prefetch
+            queue = self.cfg.amqp.queue.as_str(),
+            prefetch = self.cfg.amqp.prefetch,
+            broker
         );
-        health.set_problem(None);
-        health.set_phase(Phase::Running);
-        reconnect.connected();
-        match consume(cfg, &link, tx, health, token).await {
-            Ok(()) => return Some(link),
-            Err(e) if amqp::is_frame_too_large(&e) && frame_max.is_none() => {
-                link.close("consumer reconnecting").await;
+    }
+
+    async fn work(
+        &mut self,
+        link: &Arc<Link>,
+        token: &CancellationToken,
+    ) -> Result<(), broker::Lost> {
+        match consume(self.cfg, link, self.tx, self.health, token).await {
+            Ok(()) => Ok(()),
+            Err(e) if amqp::is_frame_too_large(&e) && self.frame_max.is_none() => {
                 warn!(message = "A message's headers do not fit in our frames; reconnecting with larger ones.", error = %e, error_type = "frame_too_large", stage = "receiving", frame_max = amqp::LARGE_FRAME_MAX);
-                frame_max = Some(amqp::LARGE_FRAME_MAX);
+                self.frame_max = Some(amqp::LARGE_FRAME_MAX);
+                Err(broker::Lost {
+                    reason: e.to_string(),
+                    failure: false,
+                })
             }
             Err(e) => {
-                // Close it for good, so that whatever it had not settled is requeued now.
-                link.close("consumer reconnecting").await;
-                metrics.amqp_connection_errors.inc();
-                health.set_problem(Some(format!("broker connection lost: {e}")));
                 warn!(message = "Lost the RabbitMQ connection; reconnecting.", error = %e, error_type = "connection_lost", stage = "receiving");
-                if !reconnect.pause(token).await {
-                    return None;
-                }
+                Err(broker::Lost {
+                    reason: e.to_string(),
+                    failure: true,
+                })
             }
         }
+    }
+
+    /// Closed for good, so that whatever it had not settled is requeued now.
+    async fn close(&mut self, link: Arc<Link>) {
+        link.close("consumer reconnecting").await;
     }
 }
 

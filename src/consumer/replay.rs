@@ -81,13 +81,10 @@ pub enum ReplayError {
 /// Moves the dead letters of `reason` (all, if `None`) back; see the module's doc.
 pub async fn run(cfg: &AmqpConfig, reason: Option<&str>) -> Result<Replayed, ReplayError> {
     let password = crate::secret::loaded("amqp", cfg.password()?);
-    let uri = cfg.connect_uri(password.as_ref());
-    let conn = amqp::bounded(amqp::connect(
-        &uri,
-        "sistema-mensajes replay",
-        Some(amqp::LARGE_FRAME_MAX),
-    ))
-    .await?;
+    let (conn, _) = cfg
+        .brokers(password.as_ref())
+        .connect("sistema-mensajes replay", Some(amqp::LARGE_FRAME_MAX))
+        .await?;
     let result = replay(&conn, cfg, reason).await;
     // Closing returns whatever was not acknowledged (other reasons) to the dead-letter queue.
     amqp::close(&conn, "replay done").await;

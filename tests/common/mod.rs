@@ -182,7 +182,7 @@ impl Names {
     pub fn consumer_config_via(&self, amqp: &str, pg: &str) -> ConsumerConfig {
         let mut c = ConsumerConfig::default();
         self.apply(&mut c.amqp);
-        c.amqp.url = Url::parse(amqp).unwrap();
+        c.amqp.url = Url::parse(amqp).unwrap().into();
         c.postgres.url = Url::parse(pg).unwrap();
         c.postgres.schema = Identifier::try_from(self.schema.clone()).unwrap();
         c.postgres.connect_timeout = Duration::from_secs(2);
@@ -194,7 +194,7 @@ impl Names {
     pub fn producer_config_via(&self, amqp: &str) -> ProducerConfig {
         let mut c = ProducerConfig::default();
         self.apply(&mut c.amqp);
-        c.amqp.url = Url::parse(amqp).unwrap();
+        c.amqp.url = Url::parse(amqp).unwrap().into();
         c.retry = fast_retry();
         c.simulation.rate = Some(0.0);
         c.metrics.listen = "127.0.0.1:0".parse().unwrap();
