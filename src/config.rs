@@ -200,6 +200,21 @@ impl From<Url> for BrokerUrls {
     }
 }
 
+impl TryFrom<Vec<Url>> for BrokerUrls {
+    type Error = &'static str;
+
+    fn try_from(urls: Vec<Url>) -> Result<Self, Self::Error> {
+        let mut urls = urls.into_iter();
+        let first = urls
+            .next()
+            .ok_or("an empty list: name at least one broker")?;
+        Ok(Self {
+            first,
+            rest: urls.collect(),
+        })
+    }
+}
+
 impl BrokerUrls {
     pub fn first(&self) -> &Url {
         &self.first

@@ -230,6 +230,101 @@ async fn all_confirmed_and_stored_once(
         .unwrap();
 }
 
+/// `urls` as `amqp.url`, a list of brokers.
+fn brokers(urls: &[&str]) -> sistema_mensajes::config::BrokerUrls {
+    let urls: Vec<url::Url> = urls.iter().map(|u| url::Url::parse(u).unwrap()).collect();
+    urls.try_into().unwrap()
+}
+
+/// Two brokers (two proxies to the one RabbitMQ, standing for two nodes of a cluster that share the
+/// queue). The link to the first is cut for good mid-stream: both daemons must go on through the
+/// second, the producer republishing what was unconfirmed, and lose nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn when_one_broker_is_cut_both_daemons_go_on_through_the_next() {
+    let names = Names::new("failover");
+    names.create_schema().await;
+    let first = Proxy::start(target_of(&amqp_url())).await;
+    let second = Proxy::start(target_of(&amqp_url())).await;
+    let list = brokers(&[&first.url(&amqp_url()), &second.url(&amqp_url())]);
+    let mut ccfg = names.consumer_config();
+    ccfg.amqp.url = list.clone();
+    let cdeps = Deps::default();
+    let token = CancellationToken::new();
+    let consumer = tokio::spawn(consumer::run(ccfg, cdeps.clone(), token.clone()));
+    wait_running(&cdeps.health).await;
+    assert_eq!(second.connections(), 0, "both start on the first broker");
+
+    const N: u64 = 20_000;
+    let mut pcfg = names.producer_config_via(&amqp_url());
+    pcfg.amqp.url = list;
+    pcfg.simulation.rate = Some(2_000.0); // ten seconds of traffic: the cut lands mid-stream
+    let pdeps = producer::Deps::default();
+    let producing = tokio::spawn(producer::run(
+        pcfg,
+        Mode::Count(N),
+        pdeps.clone(),
+        CancellationToken::new(),
+    ));
+    wait_until(LIMIT, "stream flowing", || async {
+        pdeps.metrics.confirmed.get() > 2_000 && names.stored_so_far().await > 1_000
+    })
+    .await;
+    first.cut(); // and never restored
+    all_confirmed_and_stored_once(&names, N, producing, (consumer, token)).await;
+    assert!(
+        second.connections() >= 2,
+        "the consumer and the producer went on through the second broker ({} connections)",
+        second.connections()
+    );
+}
+
+/// A first broker that refuses connections is skipped at start by both daemons and by the
+/// consumer's dead-letter link, each failed attempt counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_that_refuses_connections_is_skipped() {
+    let names = Names::new("skip-broker");
+    names.create_schema().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dead = format!("amqp://guest@127.0.0.1:{closed}/%2f");
+    let list = brokers(&[&dead, &amqp_url()]);
+    let mut ccfg = names.consumer_config();
+    ccfg.amqp.url = list.clone();
+    let cdeps = Deps::default();
+    let token = CancellationToken::new();
+    let consumer = tokio::spawn(consumer::run(ccfg, cdeps.clone(), token.clone()));
+    wait_running(&cdeps.health).await;
+
+    const N: u64 = 2_000;
+    let mut pcfg = names.producer_config_via(&amqp_url());
+    pcfg.amqp.url = list;
+    let pdeps = producer::Deps::default();
+    let producing = tokio::spawn(producer::run(
+        pcfg,
+        Mode::Count(N),
+        pdeps.clone(),
+        CancellationToken::new(),
+    ));
+    // A malformed message, for the dead-letter link.
+    let client = Client::connect().await;
+    client
+        .publish_all(
+            &names.exchange,
+            &names.routing_key,
+            &[(b"{".to_vec(), props())],
+        )
+        .await;
+    wait_until(LIMIT, "the malformed message dead-lettered", || async {
+        client.ready(&names.dead_letter_queue).await == 1
+    })
+    .await;
+    all_confirmed_and_stored_once(&names, N, producing, (consumer, token)).await;
+    assert!(cdeps.metrics.amqp_connection_errors.get() >= 1);
+    assert!(pdeps.metrics.amqp_connection_errors.get() >= 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
     let names = Names::new("broker-cut");
