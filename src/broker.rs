@@ -24,8 +24,8 @@ pub struct Brokers {
 }
 
 impl Brokers {
-    /// `nodes`: (address for logs, URI). At least one.
-    pub fn new(nodes: Vec<(String, Secret)>) -> Self {
+    /// `nodes`: (address for logs, URI). At least one (the config's `amqp.url` never is empty).
+    pub(crate) fn new(nodes: Vec<(String, Secret)>) -> Self {
         Self { nodes, next: 0 }
     }
 
@@ -43,6 +43,20 @@ impl Brokers {
         let i = self.next % self.nodes.len().max(1);
         self.next = i + 1;
         self.nodes.get(i).map(|(a, u)| (a.as_str(), u))
+    }
+
+    /// A connection named `name` to the next broker only, within
+    /// [`crate::amqp::BROKER_TIMEOUT`]: for a link retried by its owner (the consumer's dead-letter
+    /// link, which the writer waits for), so that one attempt never costs more than one bound.
+    pub async fn connect_next(
+        &mut self,
+        name: &str,
+        frame_max: Option<u32>,
+    ) -> Result<lapin::Connection, AmqpError> {
+        let Some((_, uri)) = self.advance() else {
+            return Err(AmqpError::Timeout(crate::amqp::BROKER_TIMEOUT));
+        };
+        crate::amqp::bounded(crate::amqp::connect(uri, name, frame_max)).await
     }
 
     /// A connection named `name` to the first broker that answers, each attempt within
@@ -95,9 +109,10 @@ pub trait Session {
     fn work(
         &mut self,
         link: &Self::Link,
+        broker: &str,
         token: &CancellationToken,
     ) -> impl Future<Output = Result<(), Lost>> + Send;
-    /// Closes a link given up on, so that what it had not settled goes back to the queue now.
+    /// Disposes of a link given up on (never for long: the broker may be gone).
     fn close(&mut self, link: Self::Link) -> impl Future<Output = ()> + Send;
 }
 
@@ -133,6 +148,7 @@ pub async fn run<S: Session>(
         health.set_phase(Phase::WaitingForBroker);
         let mut delays = retry::delays(retry_cfg);
         let mut rounds: u64 = 0;
+        let brokers_len = brokers.len();
         let (link, broker) = 'connected: loop {
             let mut last = None;
             for _ in 0..brokers.len() {
@@ -153,6 +169,8 @@ pub async fn run<S: Session>(
                             error!(message = "TLS to RabbitMQ failed; retrying in case the server is fixed.", check, error = %e, error_type = "tls", stage, broker);
                         } else if e.is_refusal() {
                             error!(message = "RabbitMQ refuses our topology; retrying in case it is mended.", error = %e, error_type = "topology_refused", stage, broker);
+                        } else if brokers_len > 1 {
+                            warn!(message = "Cannot reach a broker; trying the next.", error = %e, stage, broker);
                         }
                         last = Some(e);
                     }
@@ -160,7 +178,8 @@ pub async fn run<S: Session>(
             }
             rounds += 1;
             if let Some(e) = last {
-                warn!(message = "Cannot reach a dependency; retrying.", what = "rabbitmq", error = %e, failures = rounds, brokers = brokers.len());
+                // With one broker, a round is an attempt, and this line is the one it always was.
+                warn!(message = "Cannot reach a dependency; retrying.", what = "rabbitmq", error = %e, failures = rounds, brokers = brokers_len, stage);
             }
             if !retry::pause(&mut delays, token).await {
                 return None;
@@ -170,7 +189,7 @@ pub async fn run<S: Session>(
         health.set_phase(Phase::Running);
         reconnect.connected();
         session.started(&broker);
-        match session.work(&link, token).await {
+        match session.work(&link, &broker, token).await {
             Ok(()) => return Some(link),
             Err(lost) => {
                 session.close(link).await;

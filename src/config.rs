@@ -244,8 +244,7 @@ impl BrokerUrls {
         }
     }
 
-    /// The config key of entry `i` in errors: `amqp.url` for a single URL, `amqp.url[2]` (the
-    /// third) in a list.
+    /// Error `e` of entry `i`: as is for a single URL, with "entry i (counting from 0)" in a list.
     fn describe(&self, i: usize, e: impl std::fmt::Display) -> String {
         if self.rest.is_empty() {
             e.to_string()
@@ -913,11 +912,12 @@ impl AmqpConfig {
             self.url
                 .iter()
                 .map(|url| {
-                    let address = format!(
-                        "{}:{}",
-                        url.host_str().unwrap_or_default(),
-                        url.port_or_known_default().unwrap_or(5672)
-                    );
+                    // The url crate knows no default port for amqp(s); lapin's are 5672 and 5671.
+                    let port = url.port().unwrap_or(match url.scheme() {
+                        "amqps" => 5671,
+                        _ => 5672,
+                    });
+                    let address = format!("{}:{port}", url.host_str().unwrap_or_default());
                     (
                         address,
                         Secret::new(with_password(url, password).to_string()),

@@ -636,6 +636,15 @@ pub const TLS_KEYS: crate::tls::Keys = crate::tls::Keys {
     key: "sslkey",
 };
 
+/// What a query value may not hold as is.
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'#')
+    .add(b'%')
+    .add(b'&')
+    .add(b'+')
+    .add(b'=');
+
 /// The TLS client a PostgreSQL URL asks for, with libpq's parameters and meanings, and the URL
 /// for tokio-postgres (which knows `sslmode` only up to `require`, and no file parameters):
 /// - `sslmode=disable`: plain text;
@@ -668,7 +677,7 @@ pub fn tls_client(url: &url::Url) -> Result<(url::Url, crate::tls::Client), Stri
         return Err(format!("`{k}` is given twice"));
     }
     // The other parameters go on as written: re-encoding them could change a value (`+`).
-    let mut rest = Vec::new();
+    let mut rest: Vec<std::borrow::Cow<str>> = Vec::new();
     for (k, v, raw) in params {
         let path = || Some(std::path::PathBuf::from(&v));
         match k.as_str() {
@@ -686,7 +695,15 @@ pub fn tls_client(url: &url::Url) -> Result<(url::Url, crate::tls::Client), Stri
                 return Err(format!("`sslnegotiation={v}` is not supported: TLS is negotiated the PostgreSQL way (`postgres`)"))
             }
             "sslmode" => mode = v,
-            _ => rest.push(raw),
+            // libpq takes a list of hosts in one `host=` (or `hostaddr=`), comma-separated;
+            // tokio-postgres's URL parser takes one host per `host=`, as many as given.
+            "host" | "hostaddr" if v.contains(',') => {
+                rest.extend(v.split(',').map(|h| {
+                    let h = percent_encoding::utf8_percent_encode(h, QUERY_VALUE);
+                    std::borrow::Cow::Owned(format!("{k}={h}"))
+                }));
+            }
+            _ => rest.push(raw.into()),
         }
     }
     let (verify, tokio_mode) = match mode.as_str() {
@@ -707,7 +724,7 @@ pub fn tls_client(url: &url::Url) -> Result<(url::Url, crate::tls::Client), Stri
         let mut out = url.clone();
         let query = rest
             .iter()
-            .copied()
+            .map(|p| p.as_ref())
             .chain([format!("sslmode={mode}").as_str()])
             .collect::<Vec<_>>()
             .join("&");
@@ -932,6 +949,26 @@ pub fn quote_identifier(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_libpq_host_list_reaches_tokio_postgres_as_several_hosts() {
+        let url = url::Url::parse(
+            "postgres:///weather?host=10.0.0.1,db2.example,%2Frun%2Fpostgresql&port=5432,5433,5434&target_session_attrs=read-write",
+        )
+        .unwrap();
+        let (out, _) = tls_client(&url).unwrap();
+        let pg = tokio_postgres::Config::from_str(out.as_str()).unwrap();
+        assert_eq!(pg.get_hosts().len(), 3, "{out}");
+        assert_eq!(pg.get_ports(), &[5432, 5433, 5434]);
+        assert_eq!(
+            pg.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        // One host stays as written.
+        let one = url::Url::parse("postgres:///weather?host=db.example&port=5433").unwrap();
+        let (out, _) = tls_client(&one).unwrap();
+        assert!(out.as_str().contains("host=db.example&port=5433"), "{out}");
+    }
 
     #[test]
     fn identifiers_are_quoted() {

@@ -238,7 +238,8 @@ fn brokers(urls: &[&str]) -> sistema_mensajes::config::BrokerUrls {
 
 /// Two brokers (two proxies to the one RabbitMQ, standing for two nodes of a cluster that share the
 /// queue). The link to the first is cut for good mid-stream: both daemons must go on through the
-/// second, the producer republishing what was unconfirmed, and lose nothing.
+/// second, trying it first (not the broker just lost), the producer republishing what was
+/// unconfirmed, and lose nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn when_one_broker_is_cut_both_daemons_go_on_through_the_next() {
     let names = Names::new("failover");
@@ -269,8 +270,15 @@ async fn when_one_broker_is_cut_both_daemons_go_on_through_the_next() {
         pdeps.metrics.confirmed.get() > 2_000 && names.stored_so_far().await > 1_000
     })
     .await;
+    let tried = first.attempts();
     first.cut(); // and never restored
     all_confirmed_and_stored_once(&names, N, producing, (consumer, token)).await;
+    // After a lost link the next broker is tried first, not the one just lost.
+    assert_eq!(
+        first.attempts(),
+        tried,
+        "a daemon tried the cut broker again"
+    );
     assert!(
         second.connections() >= 2,
         "the consumer and the producer went on through the second broker ({} connections)",

@@ -370,7 +370,7 @@ impl DeadLetter {
         }
         if !self.conn.as_ref().is_some_and(|c| c.status().connected()) {
             let name = "sistema-mensajes consumer dead letters";
-            self.conn = Some(self.brokers.connect(name, None).await?.0);
+            self.conn = Some(self.brokers.connect_next(name, None).await?);
         }
         let conn = self
             .conn

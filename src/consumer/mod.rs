@@ -243,6 +243,7 @@ impl broker::Session for Reader<'_> {
     async fn work(
         &mut self,
         link: &Arc<Link>,
+        broker: &str,
         token: &CancellationToken,
     ) -> Result<(), broker::Lost> {
         match consume(self.cfg, link, self.tx, self.health, token).await {
@@ -256,7 +257,7 @@ impl broker::Session for Reader<'_> {
                 })
             }
             Err(e) => {
-                warn!(message = "Lost the RabbitMQ connection; reconnecting.", error = %e, error_type = "connection_lost", stage = "receiving");
+                warn!(message = "Lost the RabbitMQ connection; reconnecting.", error = %e, error_type = "connection_lost", stage = "receiving", broker);
                 Err(broker::Lost {
                     reason: e.to_string(),
                     failure: true,

@@ -520,6 +520,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     link: watch::Sender<Link>,
     accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Every connection attempt, those refused while cut included.
+    tried: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Copies one direction, holding data back while paused; ends when cut or closed.
@@ -558,11 +560,14 @@ impl Proxy {
         let rx = link.subscribe();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = accepted.clone();
+        let tried = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let attempts = tried.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
+                attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if *rx.borrow() == Link::Cut {
                     drop(inbound);
                     continue;
@@ -583,6 +588,7 @@ impl Proxy {
             addr,
             link,
             accepted,
+            tried,
         }
     }
 
@@ -591,6 +597,11 @@ impl Proxy {
     pub fn hang_open_connections(&self) {
         let n = self.accepted.load(std::sync::atomic::Ordering::SeqCst);
         self.link.send_replace(Link::HangOlderThan(n));
+    }
+
+    /// Connection attempts so far, those refused while cut included.
+    pub fn attempts(&self) -> u64 {
+        self.tried.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Connections accepted so far.
