@@ -18,6 +18,12 @@
 #   --generate                create missing password files
 #   --delete-guest            delete the `guest` user RabbitMQ creates on a fresh node
 #   --rabbitmqctl PATH        rabbitmqctl to run (rabbitmqctl from PATH)
+#   --delivery-limit N        the policy `sistema-mensajes-delivery-limit-QUEUE` on the queue (for a
+#                             quorum queue): after N returns RabbitMQ dead-letters a message to
+#                             the dead-letter exchange, at least once, instead of redelivering it
+#                             forever (RabbitMQ 3.x) or dropping it after 20 (4.x with no DLX).
+#                             A policy, not queue arguments: it applies to a queue that exists.
+#                             With this option, ROLE:USER:PASSWORD_FILE may be left out.
 #
 # Permissions (https://www.rabbitmq.com/docs/access-control, regular expressions on names). The
 # daemons then run with `amqp.declare = false`: they only check passively that the objects exist,
@@ -31,7 +37,7 @@
 set -euo pipefail
 
 vhost=/ exchange=weather queue=weather_queue dlx=weather_dead_letter dlq=weather_dead_letter
-generate=0 delete_guest=0 ctl=rabbitmqctl
+generate=0 delete_guest=0 ctl=rabbitmqctl delivery_limit=
 specs=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -43,12 +49,13 @@ while [ $# -gt 0 ]; do
     --generate) generate=1; shift ;;
     --delete-guest) delete_guest=1; shift ;;
     --rabbitmqctl) ctl=$2; shift 2 ;;
-    -h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --delivery-limit) delivery_limit=$2; shift 2 ;;
+    -h | --help) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "rabbitmq-provision: unknown option $1" >&2; exit 2 ;;
     *) specs+=("$1"); shift ;;
   esac
 done
-if [ ${#specs[@]} -eq 0 ]; then
+if [ ${#specs[@]} -eq 0 ] && [ -z "$delivery_limit" ]; then
   echo "rabbitmq-provision: no ROLE:USER:PASSWORD_FILE given" >&2
   exit 2
 fi
@@ -75,7 +82,7 @@ user_exists() {
   ctl list_users --no-table-headers | cut -f1 | grep -qxF -- "$1"
 }
 
-for spec in "${specs[@]}"; do
+for spec in "${specs[@]+"${specs[@]}"}"; do
   IFS=: read -r role user file <<<"$spec"
   if [ -z "$role" ] || [ -z "$user" ] || [ -z "$file" ]; then
     echo "rabbitmq-provision: bad argument '$spec' (want ROLE:USER:PASSWORD_FILE)" >&2
@@ -125,6 +132,20 @@ for spec in "${specs[@]}"; do
   ctl set_permissions -p "$vhost" "$user" "$configure" "$write" "$read" >/dev/null
   echo "$user ($role) on vhost $vhost: configure $configure, write $write, read $read"
 done
+
+if [ -n "$delivery_limit" ]; then
+  case $delivery_limit in
+    *[!0-9]* | '' | 0) echo "rabbitmq-provision: --delivery-limit $delivery_limit is not a positive integer" >&2; exit 2 ;;
+  esac
+  json() { printf '"%s"' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
+  # at-least-once: the message leaves the queue only once the dead-letter queue has it (it needs
+  # overflow reject-publish; with no length limit set, that changes nothing else). `queues`, not
+  # `quorum_queues` (RabbitMQ 3.12+): a classic queue ignores delivery-limit, and our consumer
+  # never rejects, so the dead-letter exchange is not used for it.
+  definition="{\"delivery-limit\":$delivery_limit,\"dead-letter-exchange\":$(json "$dlx"),\"dead-letter-strategy\":\"at-least-once\",\"overflow\":\"reject-publish\"}"
+  ctl set_policy -p "$vhost" --apply-to queues "sistema-mensajes-delivery-limit-$queue" "$(alt "$queue")" "$definition" >/dev/null
+  echo "policy sistema-mensajes-delivery-limit-$queue on $queue: $definition"
+fi
 
 if [ "$delete_guest" = 1 ] && user_exists guest; then
   ctl delete_user guest >/dev/null

@@ -528,6 +528,19 @@ in
         description = "Address RabbitMQ listens on for AMQP (`services.rabbitmq.listenAddress`); `0.0.0.0` for every IPv4 interface.";
       };
       openFirewall = lib.mkEnableOption "the AMQP port in the firewall, for daemons on other hosts";
+      deliveryLimit = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = 20;
+        description = ''
+          With a quorum queue (the consumer's `settings.amqp.queue_type = "quorum"`): after this
+          many returns to the queue (a consumer that crashed or lost its link while holding the
+          message), RabbitMQ dead-letters the message to the consumer's dead-letter exchange, at
+          least once, instead of redelivering it forever (RabbitMQ 3.x) or dropping it after 20
+          (RabbitMQ 4.x's default with no dead-letter exchange). Set by the provisioning unit as
+          the policy `sistema-mensajes-delivery-limit-<queue>` (so it applies to a queue that
+          exists). Null: no policy, RabbitMQ's own default.
+        '';
+      };
       metrics = {
         listenAddress = mkOption {
           type = types.str;
@@ -877,20 +890,26 @@ in
           StateDirectoryMode = "0700";
           UMask = "0077";
           ExecStart =
-            utils.escapeSystemdExecArgs [
-              "${pkgs.bash}/bin/bash"
-              ./rabbitmq-provision.sh
-              "--generate"
-              "--delete-guest"
-              "--exchange"
-              names.exchange
-              "--queue"
-              names.queue
-              "--dead-letter-exchange"
-              names.dead_letter_exchange
-              "--dead-letter-queue"
-              names.dead_letter_queue
-            ]
+            utils.escapeSystemdExecArgs (
+              [
+                "${pkgs.bash}/bin/bash"
+                ./rabbitmq-provision.sh
+                "--generate"
+                "--delete-guest"
+                "--exchange"
+                names.exchange
+                "--queue"
+                names.queue
+                "--dead-letter-exchange"
+                names.dead_letter_exchange
+                "--dead-letter-queue"
+                names.dead_letter_queue
+              ]
+              ++ lib.optionals ((names.queue_type or "classic") == "quorum" && rmq.deliveryLimit != null) [
+                "--delivery-limit"
+                (toString rmq.deliveryLimit)
+              ]
+            )
             + " "
             + lib.concatMapStringsSep " " provisionSpec roles;
           LoadCredential = lib.mkIf (lib.any givenPassword roles) (
