@@ -96,6 +96,11 @@ struct Args {
     /// drain: what a scrape flood costs the pipeline (compare its ratio with a run without).
     #[arg(long, default_value_t = 0)]
     metrics_flood: usize,
+    /// Consumers that drain the queue together (competing consumers, issue 22): the rate is
+    /// theirs together, their CPU summed, the RSS the largest. Compare the ratio to the minimal
+    /// pipeline (one connection, as always) across runs with 1, 2 and 3.
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
     /// Our daemons over TLS (`.ci/tls-bench` passes both): each repetition then drains with our
     /// consumer and publishes with our producer over plain text, over TLS, and over plain text
     /// again, on the same servers, and reports TLS against the mean of the two plain runs. No
@@ -683,6 +688,23 @@ impl Flood {
     }
 }
 
+/// Until the consumers on `ports` have stored `n` readings together.
+fn wait_processed_by(ports: &[u16], n: u64, limit: Duration) {
+    if let [port] = ports {
+        return wait_processed(*port, n, limit);
+    }
+    let deadline = Instant::now() + limit;
+    let total = || ports.iter().map(|p| processed(*p).unwrap_or(0)).sum::<u64>();
+    while total() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the consumers did not store {n} readings within {limit:?} (at {})",
+            total()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn wait_processed(port: u16, n: u64, limit: Duration) {
     let deadline = Instant::now() + limit;
     while processed(port) != Some(n) {
@@ -896,8 +918,15 @@ async fn main() {
                 Drain::Ours | Drain::OursTls => {
                     let over_tls = drain == Drain::OursTls;
                     let (child, port, started) = start_consumer(&args, &names, over_tls);
+                    // With --consumers K, K - 1 more, started at once.
+                    let others: Vec<_> = (1..args.consumers.max(1))
+                        .map(|_| start_consumer(&args, &names, over_tls))
+                        .collect();
                     let flood = Flood::start(port, args.metrics_flood);
-                    wait_processed(port, n as u64, drain_limit(n));
+                    let ports: Vec<u16> = std::iter::once(port)
+                        .chain(others.iter().map(|o| o.1))
+                        .collect();
+                    wait_processed_by(&ports, n as u64, drain_limit(n));
                     let scrapes = flood.stop();
                     if args.metrics_flood > 0 {
                         s.push("metrics_flood_scrapes", scrapes as f64);
@@ -915,7 +944,10 @@ async fn main() {
                         first_commit.duration_since(started).unwrap().as_secs_f64() * 1e3,
                     );
                     let rate = n as f64 / elapsed.as_secs_f64();
-                    let rss = stop(child);
+                    let rss = others
+                        .into_iter()
+                        .map(|o| stop(o.0))
+                        .fold(stop(child), u64::max);
                     if over_tls {
                         tls_rate = rate;
                         s.push("consumer_tls_drain_per_s", rate);
@@ -1241,7 +1273,7 @@ async fn main() {
             )
             .unwrap_or_default()
     );
-    let out = json!({"n": n, "reps": args.reps, "queue_type": args.queue_type, "window": args.window, "prefetch": args.prefetch, "machine": machine, "figures": figures, "latency": latency, "cpu_ms_per_1000": cpu});
+    let out = json!({"n": n, "reps": args.reps, "consumers": args.consumers, "queue_type": args.queue_type, "window": args.window, "prefetch": args.prefetch, "machine": machine, "figures": figures, "latency": latency, "cpu_ms_per_1000": cpu});
     if let Some(dir) = std::path::Path::new(&args.json).parent() {
         std::fs::create_dir_all(dir).unwrap();
     }
