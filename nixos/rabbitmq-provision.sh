@@ -135,7 +135,7 @@ done
 
 if [ -n "$delivery_limit" ]; then
   case $delivery_limit in
-    *[!0-9]* | '' | 0) echo "rabbitmq-provision: --delivery-limit $delivery_limit is not a positive integer" >&2; exit 2 ;;
+    *[!0-9]* | '' | 0*) echo "rabbitmq-provision: --delivery-limit $delivery_limit is not a positive integer" >&2; exit 2 ;;
   esac
   json() { printf '"%s"' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
   # at-least-once: the message leaves the queue only once the dead-letter queue has it (it needs
