@@ -694,7 +694,12 @@ fn wait_processed_by(ports: &[u16], n: u64, limit: Duration) {
         return wait_processed(*port, n, limit);
     }
     let deadline = Instant::now() + limit;
-    let total = || ports.iter().map(|p| processed(*p).unwrap_or(0)).sum::<u64>();
+    let total = || {
+        ports
+            .iter()
+            .map(|p| processed(*p).unwrap_or(0))
+            .sum::<u64>()
+    };
     while total() < n {
         assert!(
             Instant::now() < deadline,
