@@ -730,10 +730,10 @@ impl DaemonConfig for ConsumerConfig {
             &self.postgres.url,
             &["postgres", "postgresql"],
         )?;
-        crate::db::tls_client(&self.postgres.url).map_err(|e| invalid("postgres.url", e))?;
+        crate::db::check_host_counts(&self.postgres.url).map_err(|e| invalid("postgres.url", e))?;
         if let Some(url) = &self.postgres.owner_url {
             validate_url("postgres.owner_url", url, &["postgres", "postgresql"])?;
-            crate::db::tls_client(url).map_err(|e| invalid("postgres.owner_url", e))?;
+            crate::db::check_host_counts(url).map_err(|e| invalid("postgres.owner_url", e))?;
         }
         if self.stations.silent_after.is_zero() {
             return Err(invalid("stations.silent_after", "must be above zero"));

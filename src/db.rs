@@ -636,6 +636,26 @@ pub const TLS_KEYS: crate::tls::Keys = crate::tls::Keys {
     key: "sslkey",
 };
 
+/// The URL's hosts, ports and `hostaddr`s agree in number, as tokio-postgres requires at every
+/// connect (`connect.rs`): caught at start instead, naming the counts.
+pub fn check_host_counts(url: &url::Url) -> Result<(), String> {
+    let (url, _) = tls_client(url)?;
+    let pg = tokio_postgres::Config::from_str(url.as_str()).map_err(|e| e.to_string())?;
+    let (hosts, addrs, ports) = (
+        pg.get_hosts().len(),
+        pg.get_hostaddrs().len(),
+        pg.get_ports().len(),
+    );
+    if hosts > 0 && addrs > 0 && hosts != addrs {
+        return Err(format!("{hosts} hosts but {addrs} `hostaddr`s"));
+    }
+    let n = hosts.max(addrs);
+    if ports > 1 && ports != n {
+        return Err(format!("{n} hosts but {ports} ports"));
+    }
+    Ok(())
+}
+
 /// What a query value may not hold as is.
 const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b' ')
@@ -964,6 +984,13 @@ mod tests {
             pg.get_target_session_attrs(),
             tokio_postgres::config::TargetSessionAttrs::ReadWrite
         );
+        // Counts that do not agree are refused before any connect.
+        let three_two = url::Url::parse("postgres:///weather?host=a,b,c&port=5432,5433").unwrap();
+        assert_eq!(
+            check_host_counts(&three_two).unwrap_err(),
+            "3 hosts but 2 ports"
+        );
+        assert!(check_host_counts(&url).is_ok());
         // One host stays as written.
         let one = url::Url::parse("postgres:///weather?host=db.example&port=5433").unwrap();
         let (out, _) = tls_client(&one).unwrap();
