@@ -67,7 +67,7 @@ let
       description = text;
     };
   # The `*password_file` settings the daemons know, each with the credential the daemon reads when
-  # the setting is absent (src/config.rs). A file given there does not reach the daemon as a path,
+  # the setting is absent (src/config/). A file given there does not reach the daemon as a path,
   # which its own user would have to be able to read: it is handed over as that credential
   # (LoadCredential=: PID 1 reads it, so it may be readable by root only) and left out of the TOML.
   # Given both ways, the setting wins, as it would in the daemon.
