@@ -14,6 +14,7 @@
           inherit (o) name type readOnly;
           description = o.description or "";
           default = o.default.text or null;
+          defaultIsProse = (o.default._type or "") == "literalMD";
           example = o.example.text or null;
         })
         (
