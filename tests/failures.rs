@@ -230,6 +230,32 @@ async fn all_confirmed_and_stored_once(
         .unwrap();
 }
 
+/// Readings in a cut test: `STREAM` published at 2,000/s (ten seconds: a cut lands mid-stream),
+/// returned once they flow (confirmed and stored).
+const STREAM: u64 = 20_000;
+
+async fn stream_flowing(
+    names: &Names,
+    mut pcfg: sistema_mensajes::config::ProducerConfig,
+) -> (
+    producer::Deps,
+    Running<Result<producer::Summary, producer::ProducerError>>,
+) {
+    pcfg.simulation.rate = Some(2_000.0);
+    let pdeps = producer::Deps::default();
+    let producing = tokio::spawn(producer::run(
+        pcfg,
+        Mode::Count(STREAM),
+        pdeps.clone(),
+        CancellationToken::new(),
+    ));
+    wait_until(LIMIT, "stream flowing", || async {
+        pdeps.metrics.confirmed.get() > 2_000 && names.stored_so_far().await > 1_000
+    })
+    .await;
+    (pdeps, producing)
+}
+
 /// `urls` as `amqp.url`, a list of brokers.
 fn brokers(urls: &[&str]) -> sistema_mensajes::config::BrokerUrls {
     let urls: Vec<url::Url> = urls.iter().map(|u| url::Url::parse(u).unwrap()).collect();
@@ -255,24 +281,12 @@ async fn when_one_broker_is_cut_both_daemons_go_on_through_the_next() {
     wait_running(&cdeps.health).await;
     assert_eq!(second.connections(), 0, "both start on the first broker");
 
-    const N: u64 = 20_000;
     let mut pcfg = names.producer_config_via(&amqp_url());
     pcfg.amqp.url = list;
-    pcfg.simulation.rate = Some(2_000.0); // ten seconds of traffic: the cut lands mid-stream
-    let pdeps = producer::Deps::default();
-    let producing = tokio::spawn(producer::run(
-        pcfg,
-        Mode::Count(N),
-        pdeps.clone(),
-        CancellationToken::new(),
-    ));
-    wait_until(LIMIT, "stream flowing", || async {
-        pdeps.metrics.confirmed.get() > 2_000 && names.stored_so_far().await > 1_000
-    })
-    .await;
+    let (_, producing) = stream_flowing(&names, pcfg).await;
     let tried = first.attempts();
     first.cut(); // and never restored
-    all_confirmed_and_stored_once(&names, N, producing, (consumer, token)).await;
+    all_confirmed_and_stored_once(&names, STREAM, producing, (consumer, token)).await;
     // After a lost link the next broker is tried first, not the one just lost.
     assert_eq!(
         first.attempts(),
@@ -348,21 +362,7 @@ async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
     ));
     wait_running(&cdeps.health).await;
 
-    const N: u64 = 20_000;
-    let mut pcfg = names.producer_config_via(&via_proxy);
-    pcfg.simulation.rate = Some(2_000.0); // ten seconds of traffic: the cut lands mid-stream
-    let pdeps = producer::Deps::default();
-    let producing = tokio::spawn(producer::run(
-        pcfg,
-        Mode::Count(N),
-        pdeps.clone(),
-        CancellationToken::new(),
-    ));
-
-    wait_until(LIMIT, "stream flowing", || async {
-        pdeps.metrics.confirmed.get() > 2_000 && names.stored_so_far().await > 1_000
-    })
-    .await;
+    let (pdeps, producing) = stream_flowing(&names, names.producer_config_via(&via_proxy)).await;
     proxy.cut();
     wait_until(LIMIT, "both saw the cut", || async {
         cdeps.metrics.amqp_connection_errors.get() > 0
@@ -371,7 +371,7 @@ async fn broker_connection_cut_both_daemons_reconnect_and_nothing_is_lost() {
     .await;
     proxy.restore();
 
-    all_confirmed_and_stored_once(&names, N, producing, (consumer, token)).await;
+    all_confirmed_and_stored_once(&names, STREAM, producing, (consumer, token)).await;
 }
 
 /// The producer queues a burst of publishes before awaiting their writes: a cut while it publishes
