@@ -11,13 +11,16 @@
   observability-queries.py sql   SCHEMA FROM TO DASHBOARD.json
       Resolves the SQL variables, expands Grafana's PostgreSQL macros with the bounds FROM and
       TO (RFC 3339), runs every panel query with psql in SCHEMA, prints the rows it returned,
-      and checks with EXPLAIN that each one reads weather_logs through an index.
+      and checks with EXPLAIN that each one reads weather_logs (each partition it reads)
+      through an index, and prints which partitions it reads: those the time range prunes
+      are not in the plan. With EXPLAIN_ANALYZE=1 it also prints each query's execution time.
 
 Only the standard library: it runs wherever python3 does.
 """
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -26,7 +29,10 @@ import urllib.request
 
 # Grafana's values for its interval variables, fixed for a short CI run scraped every second.
 INTERVALS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5m"}
-INDEX = "weather_logs_station_measured_at_idx"
+# The readings index, on the table and on each partition (named after it by PostgreSQL).
+INDEX = re.compile(r"weather_logs(_[a-z0-9]+)?_station(_id)?_measured_at_idx")
+# A scan of the table or of one of its partitions.
+SCAN = re.compile(r"(Seq Scan|Index Only Scan|Index Scan|Bitmap Heap Scan)(?: Backward)? on (weather_logs\w*)")
 
 
 def fail(msg):
@@ -218,14 +224,16 @@ def sql_main(schema, start, end, dashboard):
             queries.append((f"{panel['title']} [{t['refId']}]", t["rawSql"],
                             sql_of_target(t, values, start, end)))
     for title, panel_sql, sql in queries:
+        analyze = os.environ.get("EXPLAIN_ANALYZE") == "1"
         try:
             out = psql(schema, sql).splitlines()
-            plan = psql(schema, "EXPLAIN " + sql, csv=False)
+            plan = psql(schema, ("EXPLAIN (ANALYZE) " if analyze else "EXPLAIN ") + sql, csv=False)
         except RuntimeError as e:
             failures += fail(f"{title}: {e}")
             continue
         header, rows = (out[0], out[1:]) if out else ("", [])
-        uses_index = INDEX in plan and "Seq Scan on weather_logs" not in plan
+        scans = SCAN.findall(plan)
+        uses_index = bool(INDEX.search(plan)) and not any(kind == "Seq Scan" for kind, _ in scans)
         status = "ok  " if rows and uses_index else "FAIL"
         failures += status == "FAIL"
         print(f"{status} {title}: {' '.join(panel_sql.split())}")
@@ -233,8 +241,12 @@ def sql_main(schema, start, end, dashboard):
         if rows:
             print(f"       first row: {rows[0]}")
         print(f"       EXPLAIN: {' | '.join(plan_summary(plan))}")
+        relations = sorted({rel for _, rel in scans})
+        print(f"       reads {len(relations)} of weather_logs' relations: {', '.join(relations)}")
+        if analyze:
+            print(f"       {' '.join(l.strip() for l in plan.splitlines() if 'Execution Time' in l)}")
         if not uses_index:
-            print(f"       -> does not read weather_logs through {INDEX}")
+            print(f"       -> does not read weather_logs through its index ({INDEX.pattern})")
     print(f"-- {len(queries)} SQL queries, {failures} failed")
     return failures
 

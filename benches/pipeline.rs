@@ -101,6 +101,16 @@ struct Args {
     /// pipeline (one connection, as always) across runs with 1, 2 and 3.
     #[arg(long, default_value_t = 1)]
     consumers: usize,
+    /// Each repetition also drains into an unpartitioned `weather_logs` (as before issue 23:
+    /// the schema of migrations 0001 to 0004 without the conversion, the consumer with
+    /// `postgres.migrate = false`): minimal, ours, minimal again. Reports both ratios and
+    /// partitioned / unpartitioned for each pipeline.
+    #[arg(long)]
+    unpartitioned: bool,
+    /// `random`: every reading gets an id derived from its body (v5, in no order) instead of our
+    /// producer's time-ordered UUIDv7, as older clients' content-derived ids are.
+    #[arg(long, default_value = "v7", value_parser = ["v7", "random"])]
+    ids: String,
     /// Our daemons over TLS (`.ci/tls-bench` passes both): each repetition then drains with our
     /// consumer and publishes with our producer over plain text, over TLS, and over plain text
     /// again, on the same servers, and reports TLS against the mean of the two plain runs. No
@@ -117,12 +127,15 @@ struct Args {
 #[derive(Clone)]
 struct Names {
     base: String,
+    /// The consumer's table is partitioned (the default), or as before (`--unpartitioned`).
+    partitioned: bool,
 }
 
 impl Names {
     fn new(what: &str) -> Self {
         Self {
             base: format!("bench_{what}_{}", uuid::Uuid::now_v7().simple()).to_lowercase(),
+            partitioned: true,
         }
     }
     fn exchange(&self) -> String {
@@ -180,8 +193,9 @@ async fn cleanup(conn: &Connection, pg: &tokio_postgres::Client, names: &Names) 
         .await;
 }
 
-/// N readings exactly as our producer makes them: (message id, body).
-fn readings(n: usize) -> Vec<(String, Vec<u8>)> {
+/// N readings exactly as our producer makes them: (message id, body); with `random`, each id
+/// replaced by one derived from the body.
+fn readings(n: usize, random: bool) -> Vec<(String, Vec<u8>)> {
     let stations = sistema_mensajes::config::ProducerConfig::default()
         .simulation
         .stations;
@@ -189,7 +203,15 @@ fn readings(n: usize) -> Vec<(String, Vec<u8>)> {
     (0..n)
         .map(|_| {
             let (id, body) = stations.sample();
-            (id.to_string(), body)
+            if !random {
+                return (id.to_string(), body);
+            }
+            // Derived from the body (v5), as the consumer derives older clients' ids: not ordered.
+            let other = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &body).to_string();
+            let body = String::from_utf8(body)
+                .unwrap()
+                .replace(&id.to_string(), &other);
+            (other, body.into_bytes())
         })
         .collect()
 }
@@ -573,6 +595,10 @@ fn daemon_env(args: &Args, names: &Names, tls: bool) -> Vec<(String, String)> {
         "CONSUMER_POSTGRES__SCHEMA".into(),
         names.schema().to_owned(),
     ));
+    if !names.partitioned {
+        // The bench applied the migrations and left the table as it was; the consumer only checks.
+        v.push(("CONSUMER_POSTGRES__MIGRATE".into(), "false".into()));
+    }
     v.push((
         "PRODUCER_SIMULATION__CONFIRM_WINDOW".into(),
         args.window.to_string(),
@@ -733,8 +759,24 @@ fn stop(child: std::process::Child) -> u64 {
     rss
 }
 
-/// Applies our migrations to the consumer's schema, as its first start would.
+/// Applies our migrations to the consumer's schema, as its first start would; unpartitioned, the
+/// files of `sql/` only, recorded, so that the table stays as it was before the conversion.
 async fn migrate(args: &Args, names: &Names) {
+    if !names.partitioned {
+        let (pg, conn) = tokio_postgres::connect(&args.pg, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let mut sql = format!(
+            "CREATE SCHEMA {s}; SET search_path = {s}; CREATE TABLE schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());",
+            s = names.schema()
+        );
+        for (version, migration) in sistema_mensajes::db::MIGRATIONS {
+            sql += &format!(
+                "{migration}; INSERT INTO schema_migrations (version) VALUES ('{version}');"
+            );
+        }
+        pg.batch_execute(&sql).await.unwrap();
+        return;
+    }
     let cfg = sistema_mensajes::config::PostgresConfig {
         url: args.pg.parse().unwrap(),
         schema: names.schema().to_owned().try_into().unwrap(),
@@ -860,7 +902,7 @@ async fn main() {
         args.reps, args.queue_type, args.window, args.prefetch
     );
     for rep in 1..=args.reps {
-        let readings = Arc::new(readings(n));
+        let readings = Arc::new(readings(n, args.ids == "random"));
         let ch = amqp.create_channel().await.unwrap();
         // Draining: each ceiling just before and just after our consumer (bare, minimal, ours,
         // minimal, bare), each from a queue just filled with the same readings.
@@ -883,8 +925,20 @@ async fn main() {
                 Drain::Bare,
             ]
         };
-        for &drain in drains {
-            let names = Names::new("drain");
+        // With --unpartitioned, minimal, ours and minimal again into a table as before.
+        let unpartitioned: &[Drain] = if args.unpartitioned && !tls {
+            &[Drain::Minimal, Drain::Ours, Drain::Minimal]
+        } else {
+            &[]
+        };
+        let (mut minimal_u, mut ours_u) = (Vec::new(), 0.0);
+        let runs = drains
+            .iter()
+            .map(|&d| (d, true))
+            .chain(unpartitioned.iter().map(|&d| (d, false)));
+        for (drain, partitioned) in runs {
+            let mut names = Names::new("drain");
+            names.partitioned = partitioned;
             declare(&ch, &names, &args.queue_type).await;
             alone(bare_publish(
                 args.amqp.clone(),
@@ -917,6 +971,11 @@ async fn main() {
                     minimal_cpu.push(s.phase_cpu("minimal_drain", cpu, n));
                     let (first_commit, last_commit) = commits(&pg, &names).await;
                     let elapsed = last_commit.duration_since(started).unwrap();
+                    if !partitioned {
+                        minimal_u.push(n as f64 / elapsed.as_secs_f64());
+                        cleanup(&amqp, &pg, &names).await;
+                        continue;
+                    }
                     minimal.push(n as f64 / elapsed.as_secs_f64());
                     minimal_steady.push(steady_rate(n, first_commit, last_commit));
                 }
@@ -953,7 +1012,9 @@ async fn main() {
                         .into_iter()
                         .map(|o| stop(o.0))
                         .fold(stop(child), u64::max);
-                    if over_tls {
+                    if !partitioned {
+                        ours_u = rate;
+                    } else if over_tls {
                         tls_rate = rate;
                         s.push("consumer_tls_drain_per_s", rate);
                         s.push("consumer_tls_peak_rss_mib", rss as f64 / 1048576.0);
@@ -1027,6 +1088,24 @@ async fn main() {
             ours / minimal,
             ours / bare
         );
+        if !minimal_u.is_empty() {
+            let minimal_u = mean(&minimal_u);
+            for (k, v) in [
+                ("unpartitioned_minimal_drain_per_s", minimal_u),
+                ("unpartitioned_consumer_drain_per_s", ours_u),
+                ("unpartitioned_consumer_vs_minimal", ours_u / minimal_u),
+                ("consumer_partitioned_vs_unpartitioned", ours / ours_u),
+                ("minimal_partitioned_vs_unpartitioned", minimal / minimal_u),
+            ] {
+                s.push(k, v);
+            }
+            eprintln!(
+                "rep {rep}: unpartitioned: consumer {ours_u:.0}/s vs minimal {minimal_u:.0}/s ({:.2}); partitioned / unpartitioned: consumer {:.2}, minimal {:.2}",
+                ours_u / minimal_u,
+                ours / ours_u,
+                minimal / minimal_u
+            );
+        }
         if args.drain_only {
             continue;
         }

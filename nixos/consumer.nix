@@ -19,6 +19,7 @@ import ./daemon.nix {
       str,
       url,
       optionalUrl,
+      optionalStr,
       secret,
       bool,
     }:
@@ -33,6 +34,7 @@ import ./daemon.nix {
           (`consumer migrate` applies them as the owner). The stack sets it to false.
         '';
         owner_url = optionalUrl "URL (without the password) of the role `consumer migrate` connects as, which owns the schema and grants the consumer's role what it needs. Null: `postgres.url`.";
+        retention = optionalStr "How long readings are kept, by `measured_at` (`\"400d\"`, at least a day): `consumer maintain` (the stack's hourly `sistema-mensajes-postgresql-maintain.timer`) drops each daily partition of `weather_logs` once its whole day is older. Null: kept for ever.";
         owner_password_file = secret "File with the owner's password for `consumer migrate`. Handed over as the credential `postgres-owner-password` (`LoadCredential=`, so it may be readable by root only).";
       };
     };

@@ -58,6 +58,7 @@ let
       description = text;
     };
   optionalUrl = optional h.urlWithoutPassword;
+  optionalStr = optional types.str;
   secret = optional h.secretPath;
   bool =
     default: text:
@@ -278,6 +279,7 @@ in
             str
             url
             optionalUrl
+            optionalStr
             secret
             bool
             ;

@@ -283,8 +283,32 @@ let
       url = socketUrl pg.writerRole;
       owner_url = socketUrl pg.database;
       inherit (top.consumer.settings.postgres) schema;
+    }
+    # For `consumer maintain` (the maintain timer). Unset keys are not in `settings` (TOML has
+    # no null).
+    // lib.optionalAttrs (top.consumer.settings.postgres ? retention) {
+      inherit (top.consumer.settings.postgres) retention;
     };
   };
+  maintainUnit = "sistema-mensajes-postgresql-maintain";
+  # `consumer VERB` with those settings, as the owner: a oneshot as `sistema-migrate` (static, so
+  # that PostgreSQL's peer authentication sees this name: identMap), over the Unix socket only.
+  asOwner =
+    verb:
+    oneshotHardening
+    // {
+      Type = "oneshot";
+      ExecStart = utils.escapeSystemdExecArgs [
+        consumerExe
+        "--config"
+        migrateConfig
+        verb
+      ];
+      User = migrateUser;
+      Group = migrateUser;
+      RestrictAddressFamilies = [ "AF_UNIX" ];
+      IPAddressDeny = "any";
+    };
   # The generated settings of a oneshot, exposed read-only so that CI can check them with the
   # consumer's own --check-config.
   generated =
@@ -1093,21 +1117,30 @@ in
           "postgresql.target"
           grantsUnit
         ];
-        serviceConfig = oneshotHardening // {
-          Type = "oneshot";
+        serviceConfig = asOwner "migrate" // {
           RemainAfterExit = true;
-          ExecStart = utils.escapeSystemdExecArgs [
-            consumerExe
-            "--config"
-            migrateConfig
-            "migrate"
-          ];
-          # Static, so that PostgreSQL's peer authentication sees this name (identMap above).
-          User = migrateUser;
-          Group = migrateUser;
-          # The Unix socket only.
-          RestrictAddressFamilies = [ "AF_UNIX" ];
-          IPAddressDeny = "any";
+        };
+      };
+
+      # The daily partitions of weather_logs, made 7 days ahead, and retention
+      # (settings.postgres.retention): `consumer maintain`, as the owner, every hour. Timer options:
+      # nixpkgs nixos/lib/systemd-unit-options.nix (timerOptions.timerConfig).
+      systemd.services.${maintainUnit} = {
+        description = "sistema-mensajes: partitions of weather_logs ahead, and retention (consumer maintain)";
+        wants = [ migrateUnit ];
+        after = [
+          "postgresql.target"
+          migrateUnit
+        ];
+        serviceConfig = asOwner "maintain";
+      };
+      systemd.timers.${maintainUnit} = {
+        description = "sistema-mensajes: partitions of weather_logs ahead, and retention, every hour";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnCalendar = "hourly";
+          RandomizedDelaySec = "5min";
+          Persistent = true;
         };
       };
 

@@ -26,6 +26,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_weather_logs_conflicts",
         include_str!("../sql/0003_weather_logs_conflicts.sql"),
     ),
+    (
+        "0004_weather_logs_partitions",
+        include_str!("../sql/0004_weather_logs_partitions.sql"),
+    ),
 ];
 
 /// The stored readings among the given ones whose `message_id` a different reading holds.
@@ -33,11 +37,12 @@ const CONFLICTS: &str = "SELECT * FROM weather_logs_conflicts\
     ($1::uuid[], $2::text[], $3::float8[], $4::float8[], $5::float8[], $6::timestamptz[])";
 
 /// What the consumer's role is granted by `consumer migrate` when it is not the owner: enough to
-/// check the migrations, insert, and ask for conflicts. Of `weather_logs` it may read only
-/// `message_id`, which `ON CONFLICT (message_id)` needs; no UPDATE, DELETE, TRUNCATE or DDL.
+/// check the migrations, insert, and ask for conflicts. Of `weather_logs` it may read no column
+/// (`ON CONFLICT DO NOTHING` without a conflict target needs none; earlier versions granted
+/// SELECT on `message_id` for `ON CONFLICT (message_id)`); no UPDATE, DELETE, TRUNCATE or DDL.
 /// `{schema}` and `{role}` are quoted identifiers. One implicit transaction (one simple query).
 const WRITER_GRANTS: &str = "GRANT USAGE ON SCHEMA {schema} TO {role};
-    GRANT INSERT, SELECT (message_id) ON weather_logs TO {role};
+    GRANT INSERT ON weather_logs TO {role};
     GRANT SELECT ON schema_migrations TO {role};
     GRANT EXECUTE ON FUNCTION weather_logs_conflicts
         (uuid[], text[], float8[], float8[], float8[], timestamptz[]) TO {role};";
@@ -53,11 +58,13 @@ const INSERT_NEW: &str = "INSERT INTO weather_logs \
 
 /// Inserts a batch that may hold readings already stored, skipping those. The speculative
 /// insertion behind ON CONFLICT costs PostgreSQL about half as much again per row, so it is kept
-/// for redeliveries and for batches the fast path refused.
+/// for redeliveries and for batches the fast path refused. No conflict target: every unique
+/// index of the partition a row goes to is its arbiter, which is `(message_id, measured_at)` on
+/// a partitioned table ([`crate::partition`]) and `message_id` on one not converted yet.
 const INSERT_SKIPPING: &str = "INSERT INTO weather_logs \
     (message_id, station_id, temperature, humidity, pressure, measured_at) \
     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::float8[], $4::float8[], $5::float8[], $6::timestamptz[]) \
-    ON CONFLICT (message_id) DO NOTHING";
+    ON CONFLICT DO NOTHING";
 
 /// The insert's columns with their PostgreSQL types, in parameter order.
 pub const COLUMNS: [(&str, Type); 6] = [
@@ -151,6 +158,9 @@ pub enum DbError {
     /// a grant cannot take back: CREATE in the schema, or objects of its own there.
     #[error("{0}")]
     Unsafe(String),
+    /// The conversion to partitions (or their maintenance) cannot go on; says what to do.
+    #[error("{0}")]
+    Conversion(String),
     /// `postgres.migrate = false`, and migrations are missing: `consumer migrate` has not run.
     #[error("schema `{schema}` lacks migrations {missing:?}; run `consumer migrate` (postgres.migrate = false)")]
     NotMigrated {
@@ -160,7 +170,7 @@ pub enum DbError {
 }
 
 impl DbError {
-    fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
+    pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
         move |source| DbError::Postgres { context, source }
     }
 
@@ -175,6 +185,7 @@ impl DbError {
             | DbError::Timeout(..)
             | DbError::Systematic(_)
             | DbError::Unsafe(_)
+            | DbError::Conversion(_)
             | DbError::NotMigrated { .. } => false,
         }
     }
@@ -208,6 +219,7 @@ impl DbError {
             DbError::Systematic(_) => "refused_all",
             DbError::NotMigrated { .. } => "migration_pending",
             DbError::Unsafe(_) => "unsafe_privileges",
+            DbError::Conversion(_) => "migration_failed",
             DbError::Postgres { context, source } => match source.code() {
                 Some(c) if is_data_state(c) => "data_rejected",
                 Some(c) if c.code().starts_with("08") => "connection",
@@ -322,6 +334,12 @@ impl Db {
         match cfg.migrate {
             true => migrate(&mut client, cfg.schema.as_str()).await?,
             false => check_migrated(&client, cfg.schema.as_str()).await?,
+        }
+        if !crate::partition::is_partitioned(&client).await? {
+            warn!(
+                message = "weather_logs holds readings and is not partitioned: retention cannot drop old ones. Run `consumer migrate`, which converts it while this consumer goes on writing (docs/operations.md, \"Retention\").",
+                schema = cfg.schema.as_str()
+            );
         }
         let insert_new = client
             .prepare(INSERT_NEW)
@@ -780,16 +798,59 @@ pub struct Migrated {
     pub schema: String,
     /// The role granted the writer's privileges; `None` if it is the owner itself.
     pub writer: Option<String>,
+    /// The conversion of a table with rows to partitions, if this run did it.
+    pub conversion: Option<crate::partition::Conversion>,
+    /// Partitions created or dropped ([`crate::partition::maintain`]).
+    pub changes: Vec<crate::partition::Change>,
 }
 
 /// `consumer migrate`: connects as the owner (`postgres.owner_url`, else `postgres.url`), applies
 /// pending migrations, and grants the consumer's role ([`PostgresConfig::role`]) what it needs
-/// and nothing more ([`WRITER_GRANTS`]). Idempotent; bounded by [`PostgresConfig::attempt_limit`].
+/// and nothing more ([`WRITER_GRANTS`]), bounded by [`PostgresConfig::attempt_limit`]; then
+/// converts `weather_logs` to partitions if it is not yet (unbounded: it reads the whole table,
+/// while writers go on) and maintains them ([`crate::partition::maintain`]). Idempotent.
 pub async fn migrate_as_owner(
     cfg: &PostgresConfig,
     owner: &url::Url,
     password: Option<&Secret>,
 ) -> Result<Migrated, DbError> {
+    let (client, mut migrated) = migrate_and_grant(cfg, owner, password).await?;
+    migrated.conversion = crate::partition::convert(&client, &migrated.schema).await?;
+    migrated.changes = bounded_maintain(cfg, &client).await?;
+    Ok(migrated)
+}
+
+/// `consumer maintain`: as the owner, [`crate::partition::maintain`] with `postgres.retention`.
+pub async fn maintain_as_owner(
+    cfg: &PostgresConfig,
+    owner: &url::Url,
+    password: Option<&Secret>,
+) -> Result<Vec<crate::partition::Change>, DbError> {
+    let limit = cfg.attempt_limit();
+    let client = match tokio::time::timeout(limit, session(cfg, owner, password)).await {
+        Ok(client) => client?,
+        Err(_) => return Err(DbError::Timeout("connect", limit)),
+    };
+    bounded_maintain(cfg, &client).await
+}
+
+async fn bounded_maintain(
+    cfg: &PostgresConfig,
+    client: &Client,
+) -> Result<Vec<crate::partition::Change>, DbError> {
+    let limit = cfg.attempt_limit();
+    let work = crate::partition::maintain(client, cfg.retention);
+    match tokio::time::timeout(limit, work).await {
+        Ok(result) => result,
+        Err(_) => Err(DbError::Timeout("maintain the partitions", limit)),
+    }
+}
+
+async fn migrate_and_grant(
+    cfg: &PostgresConfig,
+    owner: &url::Url,
+    password: Option<&Secret>,
+) -> Result<(Client, Migrated), DbError> {
     let limit = cfg.attempt_limit();
     let work = async {
         let mut client = session(cfg, owner, password).await?;
@@ -815,10 +876,13 @@ pub async fn migrate_as_owner(
             );
             check_least_privilege(&client, role, schema).await?;
         }
-        Ok(Migrated {
+        let migrated = Migrated {
             schema: schema.to_owned(),
             writer,
-        })
+            conversion: None,
+            changes: Vec::new(),
+        };
+        Ok((client, migrated))
     };
     match tokio::time::timeout(limit, work).await {
         Ok(result) => result,
@@ -958,7 +1022,21 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), DbError> {
         .map_err(DbError::pg("record migration"))?;
         info!(message = "Applied database migration.", version, schema);
     }
+    if crate::partition::convert_if_empty(&tx).await? {
+        info!(
+            message = "Partitioned weather_logs (empty) by day of measured_at.",
+            schema
+        );
+    }
+    // The days ahead, so that a consumer that migrates its own schema (one role) never runs out
+    // of partitions while it reconnects now and then; retention is `consumer maintain`'s.
+    crate::partition::create_ahead(&tx).await?;
     tx.commit().await.map_err(DbError::pg("commit migration"))
+}
+
+/// `text` as a quoted SQL string literal (standard_conforming_strings, on since PostgreSQL 9.1).
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// `name` as a quoted SQL identifier, so that no configured name is ever read as SQL.

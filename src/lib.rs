@@ -11,6 +11,7 @@
 //! * `amqp`: connecting to RabbitMQ, the topology both daemons declare, dead-letter properties.
 //! * `broker`: the brokers of `amqp.url` and the one reconnect loop both daemons run on them.
 //! * `db`: PostgreSQL: connect, migrate, insert batches idempotently.
+//! * `partition`: daily partitions of `weather_logs`: the online conversion, retention.
 //! * `batch`: a pure batcher (size or age).
 //! * `consumer`: reader, writer, dead-lettering and settlement of the consumer daemon.
 //! * `producer`: the producer daemon, with publisher confirms and retries.
@@ -29,6 +30,7 @@ pub mod db;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod partition;
 pub mod process;
 pub mod producer;
 pub mod reading;

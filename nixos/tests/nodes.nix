@@ -233,7 +233,11 @@ in
           rate = 20.0;
         };
       };
-      consumer.enable = true;
+      consumer = {
+        enable = true;
+        # Readings older than 400 days go (the maintain timer drops their daily partitions).
+        settings.postgres.retention = "400d";
+      };
     };
   };
 

@@ -31,8 +31,13 @@ enum Command {
     },
     /// Apply the schema migrations as the owner role (`postgres.owner_url`, else `postgres.url`)
     /// and grant the consumer's role (the user of `postgres.url`) only what it needs: INSERT on
-    /// weather_logs. Exits 0 when done, 75 if PostgreSQL is unreachable, 78 for a config error.
+    /// weather_logs. Converts weather_logs to daily partitions if it is not yet, while the
+    /// consumer goes on writing, then does what `maintain` does. Exits 0 when done, 75 if
+    /// PostgreSQL is unreachable, 78 for a config error.
     Migrate,
+    /// As the owner role: create the daily partitions of weather_logs for the days ahead and drop
+    /// those older than postgres.retention. For a timer (consumer-maintain.timer). Exits 0, 75 or 78.
+    Maintain,
     /// Declare the exchange, queue, binding and dead-letter exchange and queue (needs RabbitMQ's
     /// configure permission; for daemons run with `amqp.declare = false`). Exits 0, 75 or 78.
     DeclareTopology,
@@ -64,14 +69,36 @@ fn main() -> ExitCode {
             }
             Some(Command::Migrate) => {
                 let done = daemon::runtime()?.block_on(admin::migrate(&cfg.postgres));
-                return admin(done.map(|m| match m.writer {
-                    Some(role) => {
-                        format!("schema `{}` migrated; role `{role}` may insert", m.schema)
+                return admin(done.map(|m| {
+                    let mut out = match &m.writer {
+                        Some(role) => {
+                            format!("schema `{}` migrated; role `{role}` may insert", m.schema)
+                        }
+                        None => format!(
+                            "schema `{}` migrated (the owner is the consumer's role)",
+                            m.schema
+                        ),
+                    };
+                    if let Some(c) = &m.conversion {
+                        out += &format!(
+                            "\nweather_logs partitioned by day from {} (index built in {:.1} s, cutover validated in {:.1} s, while writers went on; then the lock waited {} ms and was held {} ms)",
+                            c.cutover,
+                            c.index_build.as_secs_f64(),
+                            c.validation.as_secs_f64(),
+                            c.lock_wait.as_millis(),
+                            c.switch.as_millis()
+                        );
                     }
-                    None => format!(
-                        "schema `{}` migrated (the owner is the consumer's role)",
-                        m.schema
-                    ),
+                    out + &admin::changes(&m.changes)
+                }));
+            }
+            Some(Command::Maintain) => {
+                let done = daemon::runtime()?.block_on(admin::maintain(&cfg.postgres));
+                return admin(done.map(|changes| {
+                    format!(
+                        "partitions of weather_logs maintained{}",
+                        admin::changes(&changes)
+                    )
                 }));
             }
             Some(Command::DeclareTopology) => {

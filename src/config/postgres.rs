@@ -69,6 +69,27 @@ pub struct PostgresConfig {
     /// File holding the owner's password. Without it, the credential `postgres-owner-password`
     /// is used if present.
     pub owner_password_file: Option<PathBuf>,
+    /// How long readings are kept, by `measured_at` (`"400d"`): `consumer maintain` drops each
+    /// daily partition once its whole day is older. At least one day. Unset: kept for ever.
+    /// Readings that arrive older than it find no partition and are dead-lettered.
+    #[serde(
+        default,
+        deserialize_with = "humantime_serde::deserialize",
+        serialize_with = "in_days",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retention: Option<Duration>,
+}
+
+/// A retention as written, in whole days (`"400d"`), not as humantime prints it (`"1year 1month
+/// 4days 7h 26m 24s"`, with years of 365.25 days); any other length as humantime prints it.
+fn in_days<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) if d.as_secs() % 86_400 == 0 && d.subsec_nanos() == 0 => {
+            s.serialize_str(&format!("{}d", d.as_secs() / 86_400))
+        }
+        d => humantime_serde::serialize(d, s),
+    }
 }
 
 impl Default for PostgresConfig {
@@ -82,6 +103,7 @@ impl Default for PostgresConfig {
             migrate: true,
             owner_url: None,
             owner_password_file: None,
+            retention: None,
         }
     }
 }
@@ -122,6 +144,15 @@ impl PostgresConfig {
         if let Some(url) = &self.owner_url {
             validate_url("postgres.owner_url", url, &["postgres", "postgresql"])?;
             crate::db::check_host_counts(url).map_err(|e| invalid("postgres.owner_url", e))?;
+        }
+        if self
+            .retention
+            .is_some_and(|r| r < Duration::from_secs(86_400))
+        {
+            return Err(invalid(
+                "postgres.retention",
+                "must be at least 1d (partitions are days)",
+            ));
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
-//! One-shot commands of a provisioning step: `consumer migrate`, `consumer declare-topology` and
-//! `consumer hash-password` (docs/security.md, "Least privilege"). Each exits 0 when done, 78 for a
-//! configuration error, 75 (`EX_TEMPFAIL`) when the server is unreachable, so that a unit may
-//! retry it, and 1 for anything else.
+//! One-shot commands of a provisioning step: `consumer migrate`, `consumer maintain`,
+//! `consumer declare-topology` and `consumer hash-password` (docs/security.md, "Least
+//! privilege"). Each exits 0 when done, 78 for a configuration error, 75 (`EX_TEMPFAIL`) when the
+//! server is unreachable, so that a unit may retry it, and 1 for anything else.
 
 use std::io::Read;
 
@@ -47,6 +47,21 @@ pub async fn migrate(cfg: &PostgresConfig) -> Result<Migrated, AdminError> {
         ));
     }
     Ok(db::migrate_as_owner(cfg, &owner, password.as_ref()).await?)
+}
+
+/// `consumer maintain`: see [`db::maintain_as_owner`].
+pub async fn maintain(cfg: &PostgresConfig) -> Result<Vec<crate::partition::Change>, AdminError> {
+    let (owner, password) = cfg.owner()?;
+    let password = crate::secret::loaded("postgres owner", password);
+    Ok(db::maintain_as_owner(cfg, &owner, password.as_ref()).await?)
+}
+
+/// The partitions created and dropped, one line each, for the commands' output.
+pub fn changes(changes: &[crate::partition::Change]) -> String {
+    changes
+        .iter()
+        .map(|c| format!("\n{} {}", c.action, c.partition))
+        .collect()
 }
 
 /// `consumer declare-topology`: declares the exchange, the queue, their binding, and the

@@ -1,0 +1,404 @@
+//! Daily partitions of `weather_logs` against the real PostgreSQL (src/partition.rs): readings
+//! redelivered and republished across a partition boundary, and older clients' readings, stored
+//! once; retention dropping partitions; and the conversion of a table of a million rows while
+//! readings keep arriving, none lost and none duplicated.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // Tests fail by panicking.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sistema_mensajes::db::{reference_reading, Db};
+use sistema_mensajes::reading::Reading;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// The start of the UTC day `days` after today.
+fn midnight(days: i64) -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_time(time::Time::MIDNIGHT) + time::Duration::days(days)
+}
+
+fn reading(station: &str, measured_at: Option<OffsetDateTime>) -> Reading {
+    Reading {
+        message_id: Uuid::now_v7(),
+        station_id: station.into(),
+        temperature: 20.5,
+        humidity: 50.0,
+        pressure: 1013.0,
+        measured_at,
+    }
+}
+
+/// How many rows each partition holds, by partition name.
+async fn per_partition(names: &Names) -> Vec<(String, i64)> {
+    let pg = pg_client(&pg_url()).await;
+    let sql = format!(
+        "SELECT tableoid::regclass::text, count(*) FROM {}.weather_logs GROUP BY 1 ORDER BY 1",
+        names.schema
+    );
+    pg.query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let name: String = r.get(0);
+            (name.rsplit('.').next().unwrap().to_owned(), r.get(1))
+        })
+        .collect()
+}
+
+/// Rows stored per (message_id, measured_at): each reading must be there once.
+async fn copies(names: &Names) -> Vec<i64> {
+    let pg = pg_client(&pg_url()).await;
+    let sql = format!(
+        "SELECT count(*) FROM {}.weather_logs GROUP BY message_id ORDER BY 1 DESC",
+        names.schema
+    );
+    pg.query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn day(t: OffsetDateTime) -> String {
+    format!(
+        "weather_logs_p{:04}{:02}{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day()
+    )
+}
+
+/// The insert path on the partitioned table: readings on both sides of midnight (the boundary
+/// between today's and tomorrow's partitions) and without a time, inserted, then again as a
+/// republish (plain insert first) and as a redelivery (skipping insert): each stored once, in
+/// the partition of its `measured_at`.
+#[tokio::test]
+async fn readings_inserted_again_across_a_partition_boundary_are_stored_once() {
+    let names = Names::new("part-boundary");
+    let cfg = names.consumer_config().postgres;
+    let db = Db::connect(&cfg, None).await.unwrap();
+    let boundary = midnight(1);
+    let rows = vec![
+        reading("S-1", Some(boundary - time::Duration::milliseconds(1))),
+        reading("S-1", Some(boundary)),
+        reading("S-2", Some(boundary - time::Duration::nanoseconds(1_000))),
+        reading("S-2", Some(boundary + time::Duration::microseconds(1))),
+        reading("S-3", None),
+        reading("S-3", None),
+    ];
+    let refs = [&reference_reading()];
+    let first = db
+        .insert_isolating(&rows, false, &refs, || ())
+        .await
+        .unwrap();
+    assert_eq!((first.inserted, first.rejected.len()), (6, 0));
+    // Republished: nothing says they are stored; the plain insert fails and the skipping one
+    // finds each in its partition.
+    let again = db
+        .insert_isolating(&rows, false, &refs, || ())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            again.inserted,
+            again.rejected.len(),
+            again.conflicting.len()
+        ),
+        (0, 0, 0)
+    );
+    // Redelivered, mixed with new ones, in another order.
+    let mut mixed: Vec<Reading> = rows.iter().rev().cloned().collect();
+    mixed.push(reading("S-4", Some(boundary)));
+    let redelivered = db
+        .insert_isolating(&mixed, true, &refs, || ())
+        .await
+        .unwrap();
+    assert_eq!((redelivered.inserted, redelivered.rejected.len()), (1, 0));
+
+    assert_eq!(
+        copies(&names).await,
+        vec![1; 7],
+        "each reading exactly once"
+    );
+    assert_eq!(
+        per_partition(&names).await,
+        vec![
+            ("weather_logs_default".to_owned(), 2),
+            (day(midnight(0)), 2),
+            (day(midnight(1)), 3),
+        ]
+    );
+}
+
+/// Through the broker: older clients' readings (no id, so one derived from the content; with and
+/// without a time) and ours, each published twice, around the boundary: each stored once.
+#[tokio::test(flavor = "multi_thread")]
+async fn older_clients_readings_published_twice_are_stored_once() {
+    let names = Names::new("part-old");
+    let consumer = start_consumer(names.consumer_config());
+    wait_running(&consumer.0.health).await;
+    let client = Client::connect().await;
+    let boundary = midnight(1);
+    let at = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
+    for (i, t) in [boundary - time::Duration::milliseconds(1), boundary]
+        .into_iter()
+        .enumerate()
+    {
+        // An older client's reading with a time: its id is derived from the body.
+        bodies.push(format!(r#"{{"station_id": "OLD-{i}", "temperature": 1.5, "humidity": 2, "pressure": 1000, "measured_at": "{}"}}"#, at(t)).into_bytes());
+        // Ours: a UUIDv7 and a time.
+        bodies.push(format!(r#"{{"station_id": "NEW-{i}", "temperature": 1.5, "humidity": 2, "pressure": 1000, "message_id": "{}", "measured_at": "{}"}}"#, Uuid::now_v7(), at(t)).into_bytes());
+    }
+    // The older system's four fields only.
+    bodies.push(old_reading("OLD-untimed", 3.25));
+    let twice: Vec<_> = bodies
+        .iter()
+        .chain(bodies.iter())
+        .map(|b| (b.clone(), props()))
+        .collect();
+    client
+        .publish_all(&names.exchange, &names.routing_key, &twice)
+        .await;
+    names.wait_rows(5, Duration::from_secs(30)).await;
+    // The second copies are settled too (acknowledged, not dead-lettered), and add nothing.
+    wait_until(Duration::from_secs(30), "all ten settled", || async {
+        client.ready(&names.queue).await == 0 && unacked(&names.queue).unwrap_or(1) == 0
+    })
+    .await;
+    assert_eq!(client.ready(&names.dead_letter_queue).await, 0);
+    assert_eq!(copies(&names).await, vec![1; 5]);
+    assert_eq!(
+        per_partition(&names).await,
+        vec![
+            ("weather_logs_default".to_owned(), 1),
+            (day(midnight(0)), 2),
+            (day(midnight(1)), 2),
+        ]
+    );
+    stop_consumer(consumer).await;
+}
+
+/// Retention: `consumer maintain` with `postgres.retention = "1d"` drops a partition of three
+/// days ago; then the SQL maintenance, run as of a day 20 days ahead with 10 days, drops every
+/// partition whose day ended more than 10 days before it and keeps the others and the default
+/// partition; a reading of a dropped day is still accepted (weather_logs_expired), and is gone
+/// after the next run.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_drops_old_partitions_and_keeps_the_rest() {
+    let names = Names::new("part-retention");
+    let cfg = names.consumer_config().postgres;
+    let db = Db::connect(&cfg, None).await.unwrap();
+    let pg = pg_client(&pg_url()).await;
+    let s = &names.schema;
+    let refs = [&reference_reading()];
+    let rfc = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+
+    // The binary, with a partition of three days ago made by hand (nothing in the default
+    // partition belongs to it, so PostgreSQL allows it).
+    let old = midnight(-3);
+    pg.batch_execute(&format!(
+        "CREATE TABLE {s}.{} PARTITION OF {s}.weather_logs FOR VALUES FROM ('{}') TO ('{}')",
+        day(old),
+        rfc(old),
+        rfc(old + time::Duration::days(1)),
+    ))
+    .await
+    .unwrap();
+    db.insert_isolating(&[reading("S", Some(old))], false, &refs, || ())
+        .await
+        .unwrap();
+    let maintain = || {
+        Command::new(env!("CARGO_BIN_EXE_consumer"))
+            .arg("maintain")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .envs(names.consumer_env())
+            .env("CONSUMER_POSTGRES__RETENTION", "1d")
+            .output()
+            .unwrap()
+    };
+    let out = maintain();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("dropped {}", day(old))), "{text}");
+    assert_eq!(names.rows().await, 0);
+    // A late reading of that day: accepted, held until the next run.
+    db.insert_isolating(
+        &[reading("S", Some(old + time::Duration::hours(1)))],
+        false,
+        &refs,
+        || (),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        per_partition(&names).await,
+        vec![("weather_logs_expired".to_owned(), 1)]
+    );
+    assert!(maintain().status.success());
+    assert_eq!(names.rows().await, 0);
+
+    let created: i64 = pg
+        .query_one(&format!("SELECT count(*) FROM {s}.weather_logs_maintain(now() + interval '20 days', 7, NULL)"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 20, "partitions up to 27 days ahead; 8 existed");
+    // One reading on each of the next 25 days, one without a time, one in year 9999.
+    let mut rows: Vec<Reading> = (0..25)
+        .map(|d| reading("S", Some(midnight(d) + time::Duration::hours(12))))
+        .collect();
+    rows.push(reading("S", None));
+    rows.push(reading(
+        "S",
+        Some(OffsetDateTime::from_unix_timestamp(253_402_300_799).unwrap()),
+    ));
+    let stored = db
+        .insert_isolating(&rows, false, &refs, || ())
+        .await
+        .unwrap();
+    assert_eq!((stored.inserted, stored.rejected.len()), (27, 0));
+    let dropped: Vec<String> = pg
+        .query(&format!("SELECT partition FROM {s}.weather_logs_maintain(now() + interval '20 days', 7, interval '10 days') WHERE action = 'dropped'"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Day d ends at midnight(d + 1), which is at most (today's time + 10 days) for d < 10.
+    let expected: Vec<String> = (0..10).map(|d| day(midnight(d))).collect();
+    assert_eq!(dropped, expected);
+    let left = per_partition(&names).await;
+    assert_eq!(
+        left.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(),
+        std::iter::once("weather_logs_ahead".to_owned())
+            .chain(std::iter::once("weather_logs_default".to_owned()))
+            .chain((10..25).map(|d| day(midnight(d))))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(names.rows().await, 17);
+}
+
+/// A retention under a day is a configuration error that names the key (no server needed: it runs
+/// in the Nix build's sandbox too).
+#[test]
+fn a_retention_under_a_day_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_consumer"))
+        .args(["--check-config"])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env("CONSUMER_POSTGRES__RETENTION", "12h")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("postgres.retention"), "{text}");
+}
+
+/// The conversion of an existing, unpartitioned table of a million rows (as earlier versions
+/// made it: migrations 0001 to 0003) by `consumer migrate`, while a consumer stores a stream of
+/// readings: afterwards the table is partitioned, every old row and every confirmed reading is
+/// there exactly once, and the time writers waited is printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_rows_are_partitioned_while_readings_keep_arriving() {
+    const OLD: i64 = 1_000_000;
+    const NEW: u64 = 20_000;
+    let names = Names::new("part-migrate");
+    let pg = pg_client(&pg_url()).await;
+    let s = &names.schema;
+    let old_schema: String = sistema_mensajes::db::MIGRATIONS[..3]
+        .iter()
+        .map(|(_, sql)| *sql)
+        .collect();
+    pg.batch_execute(&format!(
+        "CREATE SCHEMA {s}; SET search_path = {s}; {old_schema}; RESET search_path"
+    ))
+    .await
+    .unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {s}.schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+        INSERT INTO {s}.schema_migrations (version) VALUES ('0001_weather_logs'), ('0002_weather_logs_station_index'), ('0003_weather_logs_conflicts');
+        -- Random ids, as older clients' content-derived ones are; 30 days of readings; some without a time.
+        INSERT INTO {s}.weather_logs (message_id, station_id, temperature, humidity, pressure, measured_at)
+        SELECT gen_random_uuid(), 'STATION-' || (i % 1000), 15, 50, 1013,
+               CASE WHEN i % 100 = 0 THEN NULL ELSE now() - (i * interval '2.592 seconds') END
+          FROM generate_series(1, {OLD}) i"))
+        .await
+        .unwrap();
+
+    // The consumer applies 0004 (functions) but leaves a table with rows unpartitioned.
+    let consumer = start_consumer(names.consumer_config());
+    wait_running(&consumer.0.health).await;
+    let kind = || async {
+        let pg = pg_client(&pg_url()).await;
+        let k: i8 = pg.query_one(&format!("SELECT relkind::\"char\" FROM pg_class WHERE oid = '{s}.weather_logs'::regclass"), &[]).await.unwrap().get(0);
+        k as u8 as char
+    };
+    assert_eq!(kind().await, 'r');
+
+    // A stream of readings throughout, from our producer (1,000/s for 20 s, confirmed).
+    let mut producer_cfg = names.producer_config_via(&amqp_url());
+    producer_cfg.simulation.rate = Some(1000.0);
+    let stream = tokio::spawn(sistema_mensajes::producer::run(
+        producer_cfg,
+        sistema_mensajes::producer::Mode::Count(NEW),
+        Default::default(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    wait_until(Duration::from_secs(30), "the stream flowing", || async {
+        names.stored_so_far().await > OLD + 200
+    })
+    .await;
+
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_consumer"))
+        .arg("migrate")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .envs(names.consumer_env())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    eprintln!(
+        "consumer migrate on {OLD} rows under load, {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(text.contains("weather_logs partitioned by day"), "{text}");
+    assert_eq!(kind().await, 'p');
+    let before_end = names.stored_so_far().await;
+    assert!(
+        before_end < OLD + NEW as i64,
+        "the stream outlasted the conversion ({before_end} rows)"
+    );
+
+    assert_all_confirmed(stream.await.unwrap().unwrap(), NEW);
+    names
+        .wait_rows(OLD as u64 + NEW, Duration::from_secs(60))
+        .await;
+    assert_eq!(copies(&names).await.first(), Some(&1), "no reading twice");
+    // The old rows stayed where they were, in the default partition; the new ones of today too
+    // (before the cutover).
+    let parts = per_partition(&names).await;
+    assert_eq!(parts.iter().map(|p| p.1).sum::<i64>(), OLD + NEW as i64);
+    assert_eq!(parts[0].0, "weather_logs_default");
+    stop_consumer(consumer).await;
+}
