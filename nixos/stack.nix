@@ -294,16 +294,18 @@ let
   # `consumer VERB` with those settings, as the owner: a oneshot as `sistema-migrate` (static, so
   # that PostgreSQL's peer authentication sees this name: identMap), over the Unix socket only.
   asOwner =
-    verb:
+    args:
     oneshotHardening
     // {
       Type = "oneshot";
-      ExecStart = utils.escapeSystemdExecArgs [
-        consumerExe
-        "--config"
-        migrateConfig
-        verb
-      ];
+      ExecStart = utils.escapeSystemdExecArgs (
+        [
+          consumerExe
+          "--config"
+          migrateConfig
+        ]
+        ++ args
+      );
       User = migrateUser;
       Group = migrateUser;
       RestrictAddressFamilies = [ "AF_UNIX" ];
@@ -1117,9 +1119,16 @@ in
           "postgresql.target"
           grantsUnit
         ];
-        serviceConfig = asOwner "migrate" // {
-          RemainAfterExit = true;
-        };
+        # --schema-only: the conversion of weather_logs to partitions, which reads a large table
+        # for long, is the maintain unit's, which the consumer does not wait for.
+        serviceConfig =
+          asOwner [
+            "migrate"
+            "--schema-only"
+          ]
+          // {
+            RemainAfterExit = true;
+          };
       };
 
       # The daily partitions of weather_logs, made 7 days ahead, and retention
@@ -1132,7 +1141,9 @@ in
           "postgresql.target"
           migrateUnit
         ];
-        serviceConfig = asOwner "maintain";
+        # At boot too (it converts weather_logs if needed, while the consumer writes), then hourly.
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig = asOwner [ "maintain" ];
       };
       systemd.timers.${maintainUnit} = {
         description = "sistema-mensajes: partitions of weather_logs ahead, and retention, every hour";

@@ -21,16 +21,20 @@ AS $$
       FROM pg_get_expr((SELECT relpartbound FROM pg_class WHERE oid = part), part) AS b
 $$;
 
--- Creates the daily partitions after the newest one up to p_now + p_ahead days (taking their
--- readings out of weather_logs_ahead), and, unless p_retention is null, drops those whose whole
--- day ended before p_now - p_retention (weather_logs_expired then covers their days, emptied at
--- each run). Run as the owner (`consumer maintain`, from a timer; `consumer migrate`). Each DDL
+-- Creates the daily partitions after the newest one up to p_now + p_ahead days, and, unless
+-- p_retention is null, drops those whose whole day ended before p_now - p_retention
+-- (weather_logs_expired then covers their days, emptied at each run). weather_logs_ahead gives
+-- up the days it covers: at once if it holds no reading of them; otherwise (the maintenance did
+-- not run for more than p_ahead days, and readings of today went there) only with p_catch_up, by
+-- renaming it weather_logs_catchup, detached, whose rows `consumer maintain` then moves back in
+-- small transactions (src/partition.rs), so that no lock is held while they move. Run as the owner (`consumer maintain`, from a timer; `consumer migrate`). Each DDL
 -- takes a brief ACCESS EXCLUSIVE lock on weather_logs; lock_timeout keeps it from queueing the
 -- consumer's inserts behind a long query (it fails instead, and the next run tries again). The
 -- default partition's CHECK constraint (measured_at before the first daily partition, or null)
 -- lets PostgreSQL create a partition without scanning it. Returns a row per partition created
 -- or dropped.
-CREATE OR REPLACE FUNCTION weather_logs_maintain(p_now timestamptz, p_ahead integer, p_retention interval)
+CREATE OR REPLACE FUNCTION weather_logs_maintain(p_now timestamptz, p_ahead integer, p_retention interval,
+                                                 p_catch_up boolean DEFAULT true)
 RETURNS TABLE (action text, partition text, from_at timestamptz, to_at timestamptz)
 LANGUAGE plpgsql
 SET search_path FROM CURRENT
@@ -44,6 +48,9 @@ DECLARE
     expired_to timestamptz;
     p record;
 BEGIN
+    -- One run at a time, and none during a migration or the conversion's switch: the
+    -- migrations' advisory lock (src/db.rs MIGRATION_LOCK), which they hold for their transaction.
+    PERFORM pg_advisory_xact_lock(1397314388, hashtext(current_schema()));
     SELECT max(to_date(substr(c.relname, 15), 'YYYYMMDD'))::timestamptz + interval '1 day'
       INTO day
       FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -51,8 +58,22 @@ BEGIN
     IF day IS NULL THEN
         RAISE EXCEPTION 'weather_logs has no daily partitions; run `consumer migrate`';
     END IF;
+    IF day < horizon AND EXISTS (SELECT FROM weather_logs_ahead WHERE measured_at < horizon) THEN
+        IF NOT p_catch_up OR to_regclass('weather_logs_catchup') IS NOT NULL THEN
+            -- Later: in `consumer maintain`, once the previous catch-up is done.
+            horizon := day;
+        ELSE
+            ALTER TABLE weather_logs DETACH PARTITION weather_logs_ahead;
+            ALTER TABLE weather_logs_ahead RENAME TO weather_logs_catchup;
+            action := 'detached'; partition := 'weather_logs_catchup'; from_at := day; to_at := NULL;
+            RETURN NEXT;
+            CREATE TABLE weather_logs_ahead (LIKE weather_logs INCLUDING DEFAULTS);
+        END IF;
+    END IF;
     IF day < horizon THEN
-        ALTER TABLE weather_logs DETACH PARTITION weather_logs_ahead;
+        IF EXISTS (SELECT FROM pg_inherits WHERE inhrelid = 'weather_logs_ahead'::regclass) THEN
+            ALTER TABLE weather_logs DETACH PARTITION weather_logs_ahead;
+        END IF;
         WHILE day < horizon LOOP
             partition := 'weather_logs_p' || to_char(day, 'YYYYMMDD');
             EXECUTE format('CREATE TABLE %I PARTITION OF weather_logs FOR VALUES FROM (%L) TO (%L)',
@@ -61,9 +82,8 @@ BEGIN
             RETURN NEXT;
             day := day + interval '1 day';
         END LOOP;
-        -- Readings measured that far ahead are rare (a station's clock): moved, not scanned for.
-        INSERT INTO weather_logs SELECT * FROM weather_logs_ahead WHERE measured_at < horizon;
-        DELETE FROM weather_logs_ahead WHERE measured_at < horizon;
+        -- Only readings measured after the horizon are left in it (a station's clock far ahead:
+        -- few), which ATTACH reads to check.
         EXECUTE format('ALTER TABLE weather_logs ATTACH PARTITION weather_logs_ahead FOR VALUES FROM (%L) TO (MAXVALUE)', horizon);
     END IF;
     IF p_retention IS NULL THEN
@@ -82,7 +102,10 @@ BEGIN
         expired_to := p.first + interval '1 day';
     END LOOP;
     IF to_regclass('weather_logs_expired') IS NOT NULL THEN
-        TRUNCATE weather_logs_expired;
+        -- Only when it holds rows: a dashboard's query over expired days would hold the lock.
+        IF EXISTS (SELECT FROM weather_logs_expired) THEN
+            TRUNCATE weather_logs_expired;
+        END IF;
         IF expired_to IS NOT NULL THEN
             SELECT b.from_at INTO expired_from FROM weather_logs_bounds('weather_logs_expired') b;
             ALTER TABLE weather_logs DETACH PARTITION weather_logs_expired;
@@ -97,7 +120,7 @@ BEGIN
     END IF;
 END
 $$;
-REVOKE ALL ON FUNCTION weather_logs_maintain(timestamptz, integer, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION weather_logs_maintain(timestamptz, integer, interval, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION weather_logs_bounds(regclass) FROM PUBLIC;
 
 -- As in 0003, with the partitioned table's key: a reading conflicts when a different one holds its

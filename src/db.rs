@@ -38,11 +38,18 @@ const CONFLICTS: &str = "SELECT * FROM weather_logs_conflicts\
 
 /// What the consumer's role is granted by `consumer migrate` when it is not the owner: enough to
 /// check the migrations, insert, and ask for conflicts. Of `weather_logs` it may read no column
-/// (`ON CONFLICT DO NOTHING` without a conflict target needs none; earlier versions granted
-/// SELECT on `message_id` for `ON CONFLICT (message_id)`); no UPDATE, DELETE, TRUNCATE or DDL.
-/// `{schema}` and `{role}` are quoted identifiers. One implicit transaction (one simple query).
+/// (`ON CONFLICT DO NOTHING` without a conflict target needs none); earlier versions granted
+/// SELECT on `message_id` for `ON CONFLICT (message_id)`, which is revoked, from the table that
+/// became the default partition too. No UPDATE, DELETE, TRUNCATE or DDL. `{schema}` and `{role}`
+/// are quoted identifiers. One implicit transaction (one simple query).
 const WRITER_GRANTS: &str = "GRANT USAGE ON SCHEMA {schema} TO {role};
     GRANT INSERT ON weather_logs TO {role};
+    REVOKE SELECT (message_id) ON weather_logs FROM {role};
+    DO $$ BEGIN
+        IF to_regclass('weather_logs_default') IS NOT NULL THEN
+            REVOKE SELECT (message_id) ON weather_logs_default FROM {role};
+        END IF;
+    END $$;
     GRANT SELECT ON schema_migrations TO {role};
     GRANT EXECUTE ON FUNCTION weather_logs_conflicts
         (uuid[], text[], float8[], float8[], float8[], timestamptz[]) TO {role};";
@@ -337,7 +344,7 @@ impl Db {
         }
         if !crate::partition::is_partitioned(&client).await? {
             warn!(
-                message = "weather_logs holds readings and is not partitioned: retention cannot drop old ones. Run `consumer migrate`, which converts it while this consumer goes on writing (docs/operations.md, \"Retention\").",
+                message = "weather_logs is not partitioned (yet): retention cannot drop old readings. `consumer maintain` (or `consumer migrate`) converts it while this consumer goes on writing (docs/operations.md, \"Retention\").",
                 schema = cfg.schema.as_str()
             );
         }
@@ -798,52 +805,40 @@ pub struct Migrated {
     pub schema: String,
     /// The role granted the writer's privileges; `None` if it is the owner itself.
     pub writer: Option<String>,
-    /// The conversion of a table with rows to partitions, if this run did it.
-    pub conversion: Option<crate::partition::Conversion>,
-    /// Partitions created or dropped ([`crate::partition::maintain`]).
-    pub changes: Vec<crate::partition::Change>,
+    /// What the maintenance did, unless `--schema-only`.
+    pub maintained: Option<crate::partition::Maintained>,
 }
 
 /// `consumer migrate`: connects as the owner (`postgres.owner_url`, else `postgres.url`), applies
 /// pending migrations, and grants the consumer's role ([`PostgresConfig::role`]) what it needs
-/// and nothing more ([`WRITER_GRANTS`]), bounded by [`PostgresConfig::attempt_limit`]; then
-/// converts `weather_logs` to partitions if it is not yet (unbounded: it reads the whole table,
-/// while writers go on) and maintains them ([`crate::partition::maintain`]). Idempotent.
+/// and nothing more ([`WRITER_GRANTS`]), bounded by [`PostgresConfig::attempt_limit`]; then, with
+/// `maintain`, does what [`maintain_as_owner`] does. Idempotent.
 pub async fn migrate_as_owner(
     cfg: &PostgresConfig,
     owner: &url::Url,
     password: Option<&Secret>,
+    maintain: bool,
 ) -> Result<Migrated, DbError> {
     let (client, mut migrated) = migrate_and_grant(cfg, owner, password).await?;
-    migrated.conversion = crate::partition::convert(&client, &migrated.schema).await?;
-    migrated.changes = bounded_maintain(cfg, &client).await?;
+    if maintain {
+        migrated.maintained = Some(crate::partition::maintain(cfg, &client).await?);
+    }
     Ok(migrated)
 }
 
-/// `consumer maintain`: as the owner, [`crate::partition::maintain`] with `postgres.retention`.
+/// `consumer maintain`: as the owner, [`crate::partition::maintain`]: converts `weather_logs`
+/// to partitions if it is not yet, then makes the days ahead and applies `postgres.retention`.
 pub async fn maintain_as_owner(
     cfg: &PostgresConfig,
     owner: &url::Url,
     password: Option<&Secret>,
-) -> Result<Vec<crate::partition::Change>, DbError> {
+) -> Result<crate::partition::Maintained, DbError> {
     let limit = cfg.attempt_limit();
     let client = match tokio::time::timeout(limit, session(cfg, owner, password)).await {
         Ok(client) => client?,
         Err(_) => return Err(DbError::Timeout("connect", limit)),
     };
-    bounded_maintain(cfg, &client).await
-}
-
-async fn bounded_maintain(
-    cfg: &PostgresConfig,
-    client: &Client,
-) -> Result<Vec<crate::partition::Change>, DbError> {
-    let limit = cfg.attempt_limit();
-    let work = crate::partition::maintain(client, cfg.retention);
-    match tokio::time::timeout(limit, work).await {
-        Ok(result) => result,
-        Err(_) => Err(DbError::Timeout("maintain the partitions", limit)),
-    }
+    crate::partition::maintain(cfg, &client).await
 }
 
 async fn migrate_and_grant(
@@ -879,8 +874,7 @@ async fn migrate_and_grant(
         let migrated = Migrated {
             schema: schema.to_owned(),
             writer,
-            conversion: None,
-            changes: Vec::new(),
+            maintained: None,
         };
         Ok((client, migrated))
     };

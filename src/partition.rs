@@ -7,7 +7,9 @@
 //! republished reading is the same message, with the same `measured_at`, so it lands in the
 //! partition of its first copy and the insert skips it: exact across any partition boundary and
 //! for as long as that partition exists. Readings without `measured_at` (older clients) all go
-//! to the default partition, where the same key holds.
+//! to the default partition, where the same key holds. Catch-alls keep every reading the
+//! decoder accepts storable (sql/0004_weather_logs_partitions.sql): the default partition before
+//! the first day, `weather_logs_ahead` after the newest, `weather_logs_expired` for days dropped.
 
 use std::time::{Duration, Instant};
 
@@ -15,10 +17,12 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
 use tracing::{info, warn};
 
+use crate::config::PostgresConfig;
 use crate::db::{DbError, MIGRATION_LOCK};
 
 /// Days of partitions kept ready beyond today: the maintenance may fail (or not run) for that
-/// long before a reading of today finds no partition.
+/// long before readings of today go to `weather_logs_ahead` (stored, and moved into their day
+/// by the next run that succeeds).
 pub const AHEAD_DAYS: i32 = 7;
 
 /// How far in the future the newest stored reading may lie for the conversion to go ahead: the
@@ -26,15 +30,16 @@ pub const AHEAD_DAYS: i32 = 7;
 /// partition, out of reach of retention.
 const FURTHEST_CUTOVER_DAYS: i32 = 31;
 
-/// How long the switch, and each maintenance DDL, waits for its lock before it gives up and
-/// tries again: while it waits, the consumer's inserts queue behind it.
+/// How long the conversion's DDL waits for its lock before it gives up and tries again (the
+/// maintenance's SQL function waits 2 s, then fails until the next run): while it waits, the
+/// consumer's inserts queue behind it.
 const LOCK_TIMEOUT: &str = "5s";
 const SWITCH_ATTEMPTS: u32 = 10;
 
 const SWITCH: &str = include_str!("../sql/partition/switch.sql");
 
-/// The version `schema_migrations` records once `weather_logs` is partitioned.
-pub const PARTITIONED: &str = "weather_logs_partitioned";
+/// The conversion's own advisory lock, `(CONVERSION_LOCK, hashtext(schema))`.
+const CONVERSION_LOCK: i32 = MIGRATION_LOCK + 1;
 
 /// What the conversion did and how long each step took.
 #[derive(Debug, Clone)]
@@ -72,13 +77,20 @@ pub async fn is_partitioned(client: &impl GenericClient) -> Result<bool, DbError
     Ok(row.get(0))
 }
 
-/// The switch's SQL for a cutover `days` after today (UTC).
+/// A `timestamp` (UTC) as ISO text, whatever the session's DateStyle (`::text` follows it, and
+/// `12/07/2026` reads back as July in a DMY session).
+const ISO: &str = "'YYYY-MM-DD HH24:MI:SS'";
+
+/// The switch's SQL for a cutover at `cutover` (ISO text, UTC): literals with an explicit `+00`,
+/// which neither DateStyle nor the session's time zone can change.
 async fn switch_sql(client: &impl GenericClient, cutover: &str) -> Result<String, DbError> {
     let row = client
         .query_one(
-            "SELECT to_char(c, 'YYYYMMDD'), quote_literal(c AT TIME ZONE 'UTC'), \
-                    quote_literal((c + interval '1 day') AT TIME ZONE 'UTC') \
-             FROM (SELECT $1::text::timestamp AS c) x",
+            &format!(
+                "SELECT to_char(c, 'YYYYMMDD'), quote_literal(to_char(c, {ISO}) || '+00'), \
+                        quote_literal(to_char(c + interval '1 day', {ISO}) || '+00') \
+                 FROM (SELECT $1::text::timestamp AS c) x"
+            ),
             &[&cutover],
         )
         .await
@@ -90,22 +102,24 @@ async fn switch_sql(client: &impl GenericClient, cutover: &str) -> Result<String
         .replace("{day}", &day))
 }
 
-/// Today's start (UTC), as `timestamp` text.
-const TODAY: &str = "SELECT date_trunc('day', now() AT TIME ZONE 'UTC')::text";
+/// Today's start (UTC), as ISO text.
+const TODAY: &str =
+    "SELECT to_char(date_trunc('day', now() AT TIME ZONE 'UTC'), 'YYYY-MM-DD HH24:MI:SS')";
 
-/// Within a migration's transaction: converts `weather_logs` if it is empty (nothing to scan,
-/// so all of it at once), with partitions from today. A table with rows is left to
-/// [`convert`] (`consumer migrate`), which does not block writers for the time of a scan.
-pub async fn convert_if_empty(tx: &impl GenericClient) -> Result<bool, DbError> {
-    if is_partitioned(tx).await? {
-        return Ok(false);
-    }
-    let empty: bool = tx
+/// Whether `weather_logs` holds no row.
+async fn table_is_empty(client: &impl GenericClient) -> Result<bool, DbError> {
+    Ok(client
         .query_one("SELECT NOT EXISTS (SELECT FROM weather_logs)", &[])
         .await
         .map_err(DbError::pg("look for rows in weather_logs"))?
-        .get(0);
-    if !empty {
+        .get(0))
+}
+
+/// Within a migration's transaction: converts `weather_logs` if it is empty (nothing to scan,
+/// so all of it at once), with partitions from today. A table with rows is left to
+/// [`convert`] (`consumer maintain`), which does not block writers for the time of a scan.
+pub async fn convert_if_empty(tx: &impl GenericClient) -> Result<bool, DbError> {
+    if is_partitioned(tx).await? || !table_is_empty(tx).await? {
         return Ok(false);
     }
     let today: String = tx
@@ -119,19 +133,73 @@ pub async fn convert_if_empty(tx: &impl GenericClient) -> Result<bool, DbError> 
     Ok(true)
 }
 
+/// [`convert_if_empty`] in a transaction of its own, under the migrations' lock, with the table
+/// locked first (so that no row comes in between); `None` if a row had.
+async fn convert_empty(client: &Client, schema: &str) -> Result<Option<Conversion>, DbError> {
+    let started = Instant::now();
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; \
+             SELECT pg_advisory_xact_lock({MIGRATION_LOCK}, hashtext({})); \
+             LOCK TABLE weather_logs IN ACCESS EXCLUSIVE MODE",
+            crate::db::quote_literal(schema)
+        ))
+        .await
+        .map_err(DbError::pg("apply migration: lock weather_logs"))?;
+    let converted = convert_if_empty(client).await;
+    let end = if matches!(converted, Ok(true)) {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    let ended = client.batch_execute(end).await;
+    if !converted? {
+        return Ok(None);
+    }
+    ended.map_err(DbError::pg("apply migration: partition weather_logs"))?;
+    info!(message = "Partitioned weather_logs (empty) by day of measured_at.");
+    let today: String = client
+        .query_one(TODAY, &[])
+        .await
+        .map_err(DbError::pg("read the date"))?
+        .get(0);
+    Ok(Some(Conversion {
+        cutover: today,
+        index_build: Duration::ZERO,
+        validation: Duration::ZERO,
+        lock_wait: Duration::ZERO,
+        switch: started.elapsed(),
+    }))
+}
+
 /// `consumer migrate` on a table with rows: converts `weather_logs` to daily partitions while the
-/// consumer goes on writing. Under the migrations' advisory lock (a session lock: the steps are
-/// separate transactions), with no statement timeout (the index build and the validation read
-/// the whole table). `Ok(None)`: already partitioned. Each step can be interrupted and run again.
+/// consumer goes on writing, with no statement timeout (the index build and the validation read
+/// the whole table). One conversion at a time: a session advisory lock of its own (the steps are
+/// separate transactions), not the migrations' lock, which a consumer that migrates its own
+/// schema takes at every connect and must not wait for during a long index build; the switch
+/// takes that one too, for its few milliseconds. `Ok(None)`: already partitioned. Each step can
+/// be interrupted and run again.
 pub async fn convert(client: &Client, schema: &str) -> Result<Option<Conversion>, DbError> {
     client
         .execute(
             "SELECT pg_advisory_lock($1, hashtext($2))",
-            &[&MIGRATION_LOCK, &schema],
+            &[&CONVERSION_LOCK, &schema],
         )
         .await
-        .map_err(DbError::pg("lock migrations"))?;
-    let result = convert_locked(client).await;
+        .map_err(DbError::pg("lock the conversion"))?;
+    let result = convert_locked(client, schema).await;
+    if result.is_err() {
+        // Left on a table that is not converted, the constraint would refuse the readings of the
+        // cutover and after (every one of them, from that day on).
+        let _ = client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; DO $$ BEGIN \
+                   IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('weather_logs')) = 'r' THEN \
+                     ALTER TABLE weather_logs DROP CONSTRAINT IF EXISTS weather_logs_default_range; \
+                   END IF; END $$; COMMIT"
+            ))
+            .await;
+    }
     // A failure to unlock ends with the session, which the caller drops.
     let _ = client
         .batch_execute("RESET statement_timeout; SELECT pg_advisory_unlock_all()")
@@ -139,9 +207,15 @@ pub async fn convert(client: &Client, schema: &str) -> Result<Option<Conversion>
     result
 }
 
-async fn convert_locked(client: &Client) -> Result<Option<Conversion>, DbError> {
+async fn convert_locked(client: &Client, schema: &str) -> Result<Option<Conversion>, DbError> {
     if is_partitioned(client).await? {
         return Ok(None);
+    }
+    // Empty (a new installation): at once, with days from today, as a consumer would.
+    if table_is_empty(client).await? {
+        if let Some(done) = convert_empty(client, schema).await? {
+            return Ok(Some(done));
+        }
     }
     client
         .batch_execute("SET statement_timeout = 0")
@@ -187,6 +261,7 @@ async fn convert_locked(client: &Client) -> Result<Option<Conversion>, DbError> 
                  CHECK (measured_at IS NULL OR measured_at < {}::timestamp AT TIME ZONE 'UTC') NOT VALID",
                 crate::db::quote_literal(&cutover)
             ),
+            "apply migration: constrain weather_logs",
         )
         .await?;
         match client
@@ -207,7 +282,9 @@ async fn convert_locked(client: &Client) -> Result<Option<Conversion>, DbError> 
     for attempt in 1..=SWITCH_ATTEMPTS {
         let lock = format!(
             "BEGIN; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; \
-             LOCK TABLE weather_logs IN ACCESS EXCLUSIVE MODE"
+             SELECT pg_advisory_xact_lock({MIGRATION_LOCK}, hashtext({})); \
+             LOCK TABLE weather_logs IN ACCESS EXCLUSIVE MODE",
+            crate::db::quote_literal(schema)
         );
         let asked = Instant::now();
         if let Err(e) = client.batch_execute(&lock).await {
@@ -217,6 +294,11 @@ async fn convert_locked(client: &Client) -> Result<Option<Conversion>, DbError> 
         }
         let locked_at = Instant::now();
         let lock_wait = locked_at - asked;
+        // A consumer may have converted it meanwhile (it does so with an empty table).
+        if is_partitioned(client).await? {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Ok(None);
+        }
         let done = client.batch_execute(&format!("{switch}; COMMIT")).await;
         let held = locked_at.elapsed();
         if let Err(e) = done {
@@ -257,7 +339,7 @@ fn lock_wait(e: tokio_postgres::Error, attempt: u32) -> Result<(), tokio_postgre
 }
 
 /// One DDL statement in its own transaction, with the lock timeout, retried while it times out.
-async fn locked(client: &Client, sql: &str) -> Result<(), DbError> {
+async fn locked(client: &Client, sql: &str, context: &'static str) -> Result<(), DbError> {
     let mut attempt = 1;
     loop {
         let result = client
@@ -267,7 +349,7 @@ async fn locked(client: &Client, sql: &str) -> Result<(), DbError> {
             .await;
         let Err(e) = result else { return Ok(()) };
         let _ = client.batch_execute("ROLLBACK").await;
-        lock_wait(e, attempt).map_err(DbError::pg("apply migration: constrain weather_logs"))?;
+        lock_wait(e, attempt).map_err(DbError::pg(context))?;
         attempt += 1;
     }
 }
@@ -278,8 +360,9 @@ async fn locked(client: &Client, sql: &str) -> Result<(), DbError> {
 async fn choose_cutover(client: &Client) -> Result<String, DbError> {
     let row = client
         .query_one(
-            "SELECT greatest(date_trunc('day', now() AT TIME ZONE 'UTC') + interval '2 days',
-                             date_trunc('day', max(measured_at) AT TIME ZONE 'UTC') + interval '1 day')::text,
+            "SELECT to_char(greatest(date_trunc('day', now() AT TIME ZONE 'UTC') + interval '2 days',
+                                     date_trunc('day', max(measured_at) AT TIME ZONE 'UTC') + interval '1 day'),
+                            'YYYY-MM-DD HH24:MI:SS'),
                     max(measured_at)::text,
                     count(*) FILTER (WHERE measured_at > now() + make_interval(days => $1))
                FROM weather_logs",
@@ -309,7 +392,7 @@ pub async fn create_ahead(tx: &impl GenericClient) -> Result<i64, DbError> {
     }
     let row = tx
         .query_one(
-            "SELECT count(*) FROM weather_logs_maintain(now(), $1, NULL)",
+            "SELECT count(*) FROM weather_logs_maintain(now(), $1, NULL, false)",
             &[&AHEAD_DAYS],
         )
         .await
@@ -317,39 +400,134 @@ pub async fn create_ahead(tx: &impl GenericClient) -> Result<i64, DbError> {
     Ok(row.get(0))
 }
 
-/// `consumer maintain`: creates the partitions up to [`AHEAD_DAYS`] after today and, with a
-/// retention, drops those whose day ended before it. Returns what changed.
-pub async fn maintain(
-    client: &Client,
-    retention: Option<Duration>,
-) -> Result<Vec<Change>, DbError> {
-    if !is_partitioned(client).await? {
-        return Err(DbError::Conversion(
-            "weather_logs is not partitioned yet: run `consumer migrate`".into(),
-        ));
+/// What `consumer maintain` did.
+#[derive(Debug, Default)]
+pub struct Maintained {
+    /// The conversion of `weather_logs` to partitions, if this run did it.
+    pub conversion: Option<Conversion>,
+    /// Partitions created, dropped or detached.
+    pub changes: Vec<Change>,
+    /// Readings moved back from `weather_logs_catchup` into their days.
+    pub caught_up: u64,
+}
+
+impl std::fmt::Display for Maintained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(c) = &self.conversion {
+            writeln!(
+                f,
+                "weather_logs partitioned by day from {} (index built in {:.1} s, cutover validated in {:.1} s, while writers went on; then the lock waited {} ms and was held {} ms)",
+                c.cutover,
+                c.index_build.as_secs_f64(),
+                c.validation.as_secs_f64(),
+                c.lock_wait.as_millis(),
+                c.switch.as_millis()
+            )?;
+        }
+        for c in &self.changes {
+            writeln!(f, "{} {}", c.action, c.partition)?;
+        }
+        if self.caught_up > 0 {
+            writeln!(
+                f,
+                "moved {} readings back from weather_logs_catchup",
+                self.caught_up
+            )?;
+        }
+        write!(f, "partitions of weather_logs maintained")
     }
-    let seconds = retention.map(|r| r.as_secs_f64());
-    let rows = client
-        .query(
-            "SELECT action, partition FROM weather_logs_maintain(now(), $1, \
-             CASE WHEN $2::float8 IS NULL THEN NULL ELSE make_interval(secs => $2::float8) END)",
-            &[&AHEAD_DAYS, &seconds],
-        )
-        .await
-        .map_err(DbError::pg("maintain the partitions of weather_logs"))?;
-    let changes: Vec<Change> = rows
+}
+
+/// Rows moved back from `weather_logs_catchup` per transaction.
+const CATCH_UP_BATCH: i64 = 10_000;
+
+/// `consumer maintain` (and `consumer migrate`): converts `weather_logs` if it is not partitioned
+/// yet ([`convert`], unbounded), then creates the partitions up to [`AHEAD_DAYS`] after today
+/// and, with `postgres.retention`, drops those whose day ended before it (bounded by
+/// [`PostgresConfig::attempt_limit`]), then moves back any readings that waited in
+/// `weather_logs_catchup` (a batch per transaction, each bounded by the statement timeout).
+pub async fn maintain(cfg: &PostgresConfig, client: &Client) -> Result<Maintained, DbError> {
+    let mut done = Maintained {
+        conversion: convert(client, cfg.schema.as_str()).await?,
+        ..Maintained::default()
+    };
+    done.caught_up += catch_up(client).await?;
+    let limit = cfg.attempt_limit();
+    let seconds = cfg.retention.map(|r| r.as_secs_f64());
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&AHEAD_DAYS, &seconds];
+    let run = client.query(
+        "SELECT action, partition FROM weather_logs_maintain(now(), $1, \
+         CASE WHEN $2::float8 IS NULL THEN NULL ELSE make_interval(secs => $2::float8) END)",
+        &params,
+    );
+    let rows = match tokio::time::timeout(limit, run).await {
+        Ok(rows) => rows.map_err(DbError::pg("maintain the partitions of weather_logs"))?,
+        Err(_) => return Err(DbError::Timeout("maintain the partitions", limit)),
+    };
+    done.changes = rows
         .iter()
         .map(|r| Change {
             action: r.get(0),
             partition: r.get(1),
         })
         .collect();
-    for c in &changes {
+    for c in &done.changes {
         info!(
             message = "Maintained the partitions of weather_logs.",
             action = c.action,
             partition = c.partition
         );
     }
-    Ok(changes)
+    done.caught_up += catch_up(client).await?;
+    Ok(done)
+}
+
+/// Moves the readings of `weather_logs_catchup` (the catch-all of days ahead that received
+/// readings of days without a partition: the maintenance had not run) back into `weather_logs`,
+/// where their days now exist, [`CATCH_UP_BATCH`] per transaction, skipping any stored meanwhile
+/// (a redelivery); then drops it. No lock beyond the rows'. Returns how many rows it moved.
+async fn catch_up(client: &Client) -> Result<u64, DbError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('weather_logs_catchup') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(DbError::pg("look for weather_logs_catchup"))?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let mut moved = 0;
+    loop {
+        let n = client
+            .execute(
+                "WITH batch AS (DELETE FROM weather_logs_catchup WHERE ctid = ANY(ARRAY(\
+                   SELECT ctid FROM weather_logs_catchup LIMIT $1)) RETURNING *) \
+                 INSERT INTO weather_logs SELECT * FROM batch ON CONFLICT DO NOTHING",
+                &[&CATCH_UP_BATCH],
+            )
+            .await
+            .map_err(DbError::pg("move readings back from weather_logs_catchup"))?;
+        moved += n;
+        let left: bool = client
+            .query_one("SELECT EXISTS (SELECT FROM weather_logs_catchup)", &[])
+            .await
+            .map_err(DbError::pg("look into weather_logs_catchup"))?
+            .get(0);
+        if !left {
+            break;
+        }
+    }
+    locked(
+        client,
+        "DROP TABLE weather_logs_catchup",
+        "drop weather_logs_catchup",
+    )
+    .await?;
+    info!(
+        message = "Moved the readings of weather_logs_catchup into their days.",
+        moved
+    );
+    Ok(moved)
 }

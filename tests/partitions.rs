@@ -65,6 +65,52 @@ async fn copies(names: &Names) -> Vec<i64> {
         .collect()
 }
 
+/// Runs `consumer COMMAND` with the test's configuration and `env` on top; returns its exit code
+/// and everything it printed.
+fn run_consumer(names: &Names, command: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_consumer"))
+        .arg(command)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .envs(names.consumer_env())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// A schema of its own, partitioned from today (the consumer's connect converts the empty table),
+/// with the consumer's insert path and a superuser's client.
+async fn partitioned(what: &str) -> (Names, Db, tokio_postgres::Client) {
+    let names = Names::new(what);
+    let db = Db::connect(&names.consumer_config().postgres, None)
+        .await
+        .unwrap();
+    (names, db, pg_client(&pg_url()).await)
+}
+
+/// A schema of its own with `weather_logs` as earlier versions made it (migrations 0001 to
+/// 0003, unpartitioned), empty, and a superuser's client.
+async fn unpartitioned(what: &str) -> (Names, tokio_postgres::Client) {
+    let names = Names::new(what);
+    let pg = pg_client(&pg_url()).await;
+    let old_schema: String = sistema_mensajes::db::MIGRATIONS[..3]
+        .iter()
+        .map(|(_, sql)| *sql)
+        .collect();
+    let s = &names.schema;
+    pg.batch_execute(&format!(
+        "CREATE SCHEMA {s}; SET search_path = {s}; {old_schema}; RESET search_path"
+    ))
+    .await
+    .unwrap();
+    (names, pg)
+}
+
 fn day(t: OffsetDateTime) -> String {
     format!(
         "weather_logs_p{:04}{:02}{:02}",
@@ -195,10 +241,7 @@ async fn older_clients_readings_published_twice_are_stored_once() {
 /// after the next run.
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_drops_old_partitions_and_keeps_the_rest() {
-    let names = Names::new("part-retention");
-    let cfg = names.consumer_config().postgres;
-    let db = Db::connect(&cfg, None).await.unwrap();
-    let pg = pg_client(&pg_url()).await;
+    let (names, db, pg) = partitioned("part-retention").await;
     let s = &names.schema;
     let refs = [&reference_reading()];
     let rfc = |t: OffsetDateTime| {
@@ -221,21 +264,14 @@ async fn retention_drops_old_partitions_and_keeps_the_rest() {
         .await
         .unwrap();
     let maintain = || {
-        Command::new(env!("CARGO_BIN_EXE_consumer"))
-            .arg("maintain")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .envs(names.consumer_env())
-            .env("CONSUMER_POSTGRES__RETENTION", "1d")
-            .output()
-            .unwrap()
+        run_consumer(
+            &names,
+            "maintain",
+            &[("CONSUMER_POSTGRES__RETENTION", "1d")],
+        )
     };
-    let out = maintain();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (code, text) = maintain();
+    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains(&format!("dropped {}", day(old))), "{text}");
     assert_eq!(names.rows().await, 0);
     // A late reading of that day: accepted, held until the next run.
@@ -251,7 +287,7 @@ async fn retention_drops_old_partitions_and_keeps_the_rest() {
         per_partition(&names).await,
         vec![("weather_logs_expired".to_owned(), 1)]
     );
-    assert!(maintain().status.success());
+    assert_eq!(maintain().0, Some(0));
     assert_eq!(names.rows().await, 0);
 
     let created: i64 = pg
@@ -318,18 +354,8 @@ fn a_retention_under_a_day_is_refused() {
 async fn a_million_rows_are_partitioned_while_readings_keep_arriving() {
     const OLD: i64 = 1_000_000;
     const NEW: u64 = 20_000;
-    let names = Names::new("part-migrate");
-    let pg = pg_client(&pg_url()).await;
+    let (names, pg) = unpartitioned("part-migrate").await;
     let s = &names.schema;
-    let old_schema: String = sistema_mensajes::db::MIGRATIONS[..3]
-        .iter()
-        .map(|(_, sql)| *sql)
-        .collect();
-    pg.batch_execute(&format!(
-        "CREATE SCHEMA {s}; SET search_path = {s}; {old_schema}; RESET search_path"
-    ))
-    .await
-    .unwrap();
     pg.batch_execute(&format!("CREATE TABLE {s}.schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
         INSERT INTO {s}.schema_migrations (version) VALUES ('0001_weather_logs'), ('0002_weather_logs_station_index'), ('0003_weather_logs_conflicts');
         -- Random ids, as older clients' content-derived ones are; 30 days of readings; some without a time.
@@ -365,22 +391,12 @@ async fn a_million_rows_are_partitioned_while_readings_keep_arriving() {
     .await;
 
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_consumer"))
-        .arg("migrate")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .envs(names.consumer_env())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (code, text) = run_consumer(&names, "migrate", &[]);
+    assert_eq!(code, Some(0), "{text}");
     eprintln!(
         "consumer migrate on {OLD} rows under load, {:.1} s: {}",
         started.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&out.stdout)
+        text
     );
     assert!(text.contains("weather_logs partitioned by day"), "{text}");
     assert_eq!(kind().await, 'p');
@@ -401,4 +417,115 @@ async fn a_million_rows_are_partitioned_while_readings_keep_arriving() {
     assert_eq!(parts.iter().map(|p| p.1).sum::<i64>(), OLD + NEW as i64);
     assert_eq!(parts[0].0, "weather_logs_default");
     stop_consumer(consumer).await;
+}
+
+/// Maintenance that did not run for longer than the days made ahead: readings of days without a
+/// partition (here days 10 and 12, with days made up to 7) wait, stored, in weather_logs_ahead.
+/// The next run (as of 5 days later) detaches it as weather_logs_catchup and makes the days; a
+/// redelivery of one of them meanwhile is stored in its new day; `consumer maintain` then moves
+/// the others into their days (the redelivered one is not stored twice) and drops the table, and a
+/// reading of year 9999 goes back to weather_logs_ahead.
+#[tokio::test(flavor = "multi_thread")]
+async fn readings_that_waited_in_ahead_are_moved_into_their_days() {
+    let (names, db, pg) = partitioned("part-catchup").await;
+    let s = &names.schema;
+    let refs = [&reference_reading()];
+    let late = [
+        reading("S", Some(midnight(10) + time::Duration::hours(1))),
+        reading("S", Some(midnight(12))),
+        reading(
+            "S",
+            Some(OffsetDateTime::from_unix_timestamp(253_402_300_799).unwrap()),
+        ),
+    ];
+    db.insert_isolating(&late, false, &refs, || ())
+        .await
+        .unwrap();
+    assert_eq!(
+        per_partition(&names).await,
+        vec![("weather_logs_ahead".to_owned(), 3)]
+    );
+    let changes: Vec<(String, String)> = pg
+        .query(
+            &format!("SELECT action, partition FROM {s}.weather_logs_maintain(now() + interval '5 days', 7, NULL)"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        changes[0],
+        ("detached".to_owned(), "weather_logs_catchup".to_owned())
+    );
+    assert_eq!(changes.len(), 1 + 5, "days 8 to 12 made: {changes:?}");
+    // Meanwhile, a redelivery of the first: stored in its new day.
+    let again = db
+        .insert_isolating(&late[..1], true, &refs, || ())
+        .await
+        .unwrap();
+    assert_eq!(again.inserted, 1);
+
+    let (code, text) = run_consumer(&names, "maintain", &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("moved 2 readings back"), "{text}");
+    assert_eq!(
+        per_partition(&names).await,
+        vec![
+            ("weather_logs_ahead".to_owned(), 1),
+            (day(midnight(10)), 1),
+            (day(midnight(12)), 1),
+        ]
+    );
+    assert_eq!(copies(&names).await, vec![1; 3]);
+    let left: Option<String> = pg
+        .query_one(
+            &format!("SELECT to_regclass('{s}.weather_logs_catchup')::text"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, None);
+}
+
+/// A conversion that fails after it constrained the table (here: a table already named
+/// weather_logs_default, so the switch cannot rename) removes its constraint: readings measured
+/// after the cutover, which it would refuse, are still stored, and the table is as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_conversion_leaves_no_constraint_behind() {
+    let (names, pg) = unpartitioned("part-fail").await;
+    let s = &names.schema;
+    pg.batch_execute(&format!(
+        "INSERT INTO {s}.weather_logs (message_id, station_id, temperature, humidity, pressure, measured_at)
+         VALUES (gen_random_uuid(), 'S', 1, 1, 1000, now());
+         CREATE TABLE {s}.weather_logs_default (x int)"
+    ))
+    .await
+    .unwrap();
+    let (code, text) = run_consumer(&names, "maintain", &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("weather_logs_default"), "{text}");
+    let constraints: i64 = pg
+        .query_one(
+            &format!("SELECT count(*) FROM pg_constraint WHERE conrelid = '{s}.weather_logs'::regclass AND conname = 'weather_logs_default_range'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(constraints, 0);
+    let cfg = names.consumer_config().postgres;
+    let db = Db::connect(&cfg, None).await.unwrap();
+    let stored = db
+        .insert_isolating(
+            &[reading("S", Some(midnight(5)))],
+            false,
+            &[&reference_reading()],
+            || (),
+        )
+        .await
+        .unwrap();
+    assert_eq!((stored.inserted, stored.rejected.len()), (1, 0));
 }

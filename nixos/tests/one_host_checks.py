@@ -151,14 +151,15 @@ def check_postgresql_roles(machine, p):
         )
         # The consumer's Unix user logs in as the writer...
         machine.succeed(f"test \"$({psql_as(p, 'sistema-consumer', 'weather_writer', 'SELECT current_user')})\" = weather_writer")
-        # ...which may neither change nor remove rows, nor drop the table, nor read them (it sees
-        # only message_id, for ON CONFLICT)...
+        # ...which may neither change nor remove rows, nor drop the table, nor read them...
         for sql in [
             "DELETE FROM weather_logs",
             "UPDATE weather_logs SET message_id = message_id",
             "TRUNCATE weather_logs",
             "DROP TABLE weather_logs",
             "SELECT * FROM weather_logs LIMIT 1",
+            "SELECT message_id FROM weather_logs LIMIT 1",
+            "SELECT weather_logs_maintain(now(), 7, NULL)",
         ]:
             refused(machine, psql_as(p, "sistema-consumer", "weather_writer", sql), "permission denied|must be owner")
         # ...and never as the owner; the migrations' Unix user does.
@@ -171,6 +172,21 @@ def check_postgresql_roles(machine, p):
         n = int(machine.succeed(psql_as(p, "grafana", "weather_reader", "SELECT count(*) FROM weather_logs")).strip())
         assert n > 0, n
         refused(machine, psql_as(p, "grafana", "weather_reader", "SELECT count(*) FROM schema_migrations"), "permission denied")
+
+
+def check_partitions(machine, p):
+    with subtest("consumer maintain, as the owner at boot, partitioned weather_logs by day while the consumer wrote"):
+        machine.wait_until_succeeds(
+            "test \"$(systemctl show -p Result --value sistema-mensajes-postgresql-maintain.service)\" = success"
+            " && journalctl -b -u sistema-mensajes-postgresql-maintain.service | grep -q 'partitions of weather_logs maintained'"
+        )
+        assert machine.succeed(psql(p, "SELECT relkind FROM pg_class WHERE oid = 'weather_logs'::regclass")).strip() == "p"
+        days = int(machine.succeed(psql(p, "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                                           "WHERE i.inhparent = 'weather_logs'::regclass AND c.relname ~ '^weather_logs_p[0-9]{8}$'")).strip())
+        assert days >= 8, days
+        # The stack's retention (nodes.nix: 400d) reached it.
+        machine.succeed("grep -qx 'retention = \"400d\"' \"$(systemctl show -p ExecStart --value sistema-mensajes-postgresql-maintain.service"
+                        " | grep -o '/nix/store/[^ ]*-migrate.toml')\"")
 
 
 def check_loopback_only(machine, p):
@@ -295,6 +311,7 @@ def one_host_checks(machine, p, between=()):
     check_units_in_order(machine, p)
     check_rabbitmq_users(machine, p)
     check_postgresql_roles(machine, p)
+    check_partitions(machine, p)
     check_loopback_only(machine, p)
     check_status_and_journal(machine, p)
     check_prometheus(machine, p)

@@ -27,7 +27,9 @@ COMMENT ON TABLE weather_logs IS 'Weather readings, partitioned by day of measur
 CREATE UNIQUE INDEX weather_logs_key ON weather_logs (message_id, measured_at) NULLS NOT DISTINCT;
 CREATE INDEX weather_logs_station_measured_at_idx ON weather_logs (station_id, measured_at);
 ALTER TABLE weather_logs ATTACH PARTITION weather_logs_default DEFAULT;
--- Whoever could use the old table may use the new one: its table and column privileges, copied.
+-- Whoever could use the old table may use the new one: its table privileges, copied (the
+-- writer's INSERT, the reader's SELECT). Not its column privileges: the only one we granted,
+-- SELECT (message_id) to the writer, is no longer needed, and `consumer migrate` revokes it.
 DO $$
 DECLARE
     g record;
@@ -37,12 +39,6 @@ BEGIN
                FROM pg_class c, aclexplode(c.relacl) a
               WHERE c.oid = 'weather_logs_default'::regclass AND a.grantee <> c.relowner LOOP
         EXECUTE format('GRANT %s ON weather_logs TO %s', g.privilege, g.grantee);
-    END LOOP;
-    FOR g IN SELECT t.attname, a.privilege_type AS privilege,
-                    CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END AS grantee
-               FROM pg_attribute t, aclexplode(t.attacl) a
-              WHERE t.attrelid = 'weather_logs_default'::regclass AND t.attacl IS NOT NULL LOOP
-        EXECUTE format('GRANT %s (%I) ON weather_logs TO %s', g.privilege, g.attname, g.grantee);
     END LOOP;
 END
 $$;

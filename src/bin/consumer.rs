@@ -31,12 +31,17 @@ enum Command {
     },
     /// Apply the schema migrations as the owner role (`postgres.owner_url`, else `postgres.url`)
     /// and grant the consumer's role (the user of `postgres.url`) only what it needs: INSERT on
-    /// weather_logs. Converts weather_logs to daily partitions if it is not yet, while the
-    /// consumer goes on writing, then does what `maintain` does. Exits 0 when done, 75 if
+    /// weather_logs. Then does what `maintain` does, unless --schema-only. Exits 0 when done, 75 if
     /// PostgreSQL is unreachable, 78 for a config error.
-    Migrate,
-    /// As the owner role: create the daily partitions of weather_logs for the days ahead and drop
-    /// those older than postgres.retention. For a timer (consumer-maintain.timer). Exits 0, 75 or 78.
+    Migrate {
+        /// Only the migrations and grants (before the consumer starts); the conversion to
+        /// partitions, which may take long on a large table, is left to `maintain`.
+        #[arg(long)]
+        schema_only: bool,
+    },
+    /// As the owner role: convert weather_logs to daily partitions if it is not yet (while the
+    /// consumer goes on writing), create the partitions for the days ahead and drop those older
+    /// than postgres.retention. For a timer (consumer-maintain.timer). Exits 0, 75 or 78.
     Maintain,
     /// Declare the exchange, queue, binding and dead-letter exchange and queue (needs RabbitMQ's
     /// configure permission; for daemons run with `amqp.declare = false`). Exits 0, 75 or 78.
@@ -67,10 +72,10 @@ fn main() -> ExitCode {
                 let done = daemon::runtime()?.block_on(replay::run(&cfg.amqp, reason.as_deref()));
                 return daemon::report(done.and_then(replay::Replayed::finished));
             }
-            Some(Command::Migrate) => {
-                let done = daemon::runtime()?.block_on(admin::migrate(&cfg.postgres));
+            Some(Command::Migrate { schema_only }) => {
+                let done = daemon::runtime()?.block_on(admin::migrate(&cfg.postgres, !schema_only));
                 return admin(done.map(|m| {
-                    let mut out = match &m.writer {
+                    let out = match &m.writer {
                         Some(role) => {
                             format!("schema `{}` migrated; role `{role}` may insert", m.schema)
                         }
@@ -79,27 +84,12 @@ fn main() -> ExitCode {
                             m.schema
                         ),
                     };
-                    if let Some(c) = &m.conversion {
-                        out += &format!(
-                            "\nweather_logs partitioned by day from {} (index built in {:.1} s, cutover validated in {:.1} s, while writers went on; then the lock waited {} ms and was held {} ms)",
-                            c.cutover,
-                            c.index_build.as_secs_f64(),
-                            c.validation.as_secs_f64(),
-                            c.lock_wait.as_millis(),
-                            c.switch.as_millis()
-                        );
-                    }
-                    out + &admin::changes(&m.changes)
+                    out + &m.maintained.map(|m| format!("\n{m}")).unwrap_or_default()
                 }));
             }
             Some(Command::Maintain) => {
                 let done = daemon::runtime()?.block_on(admin::maintain(&cfg.postgres));
-                return admin(done.map(|changes| {
-                    format!(
-                        "partitions of weather_logs maintained{}",
-                        admin::changes(&changes)
-                    )
-                }));
+                return admin(done.map(|m| m.to_string()));
             }
             Some(Command::DeclareTopology) => {
                 let done = daemon::runtime()?.block_on(admin::declare_topology(&cfg.amqp));

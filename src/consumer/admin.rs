@@ -36,8 +36,8 @@ impl AdminError {
     }
 }
 
-/// `consumer migrate`: see [`db::migrate_as_owner`].
-pub async fn migrate(cfg: &PostgresConfig) -> Result<Migrated, AdminError> {
+/// `consumer migrate`: see [`db::migrate_as_owner`]; with `maintain`, then [`maintain`]'s work.
+pub async fn migrate(cfg: &PostgresConfig, maintain: bool) -> Result<Migrated, AdminError> {
     let (owner, password) = cfg.owner()?;
     let password = crate::secret::loaded("postgres owner", password);
     if cfg.owner_url.is_some() && cfg.role().is_none() {
@@ -46,22 +46,14 @@ pub async fn migrate(cfg: &PostgresConfig) -> Result<Migrated, AdminError> {
                 .into(),
         ));
     }
-    Ok(db::migrate_as_owner(cfg, &owner, password.as_ref()).await?)
+    Ok(db::migrate_as_owner(cfg, &owner, password.as_ref(), maintain).await?)
 }
 
 /// `consumer maintain`: see [`db::maintain_as_owner`].
-pub async fn maintain(cfg: &PostgresConfig) -> Result<Vec<crate::partition::Change>, AdminError> {
+pub async fn maintain(cfg: &PostgresConfig) -> Result<crate::partition::Maintained, AdminError> {
     let (owner, password) = cfg.owner()?;
     let password = crate::secret::loaded("postgres owner", password);
     Ok(db::maintain_as_owner(cfg, &owner, password.as_ref()).await?)
-}
-
-/// The partitions created and dropped, one line each, for the commands' output.
-pub fn changes(changes: &[crate::partition::Change]) -> String {
-    changes
-        .iter()
-        .map(|c| format!("\n{} {}", c.action, c.partition))
-        .collect()
 }
 
 /// `consumer declare-topology`: declares the exchange, the queue, their binding, and the

@@ -286,9 +286,9 @@ impl Names {
         .unwrap();
     }
 
-    /// Rows stored. (Not "distinct ids" beside it: `message_id` is the primary key, so that count
-    /// always equals this one. Exactly-once is checked against the ids that were confirmed, in
-    /// [`Self::assert_stored_exactly`].)
+    /// Rows stored. Exactly-once is checked against the ids that were confirmed, in
+    /// [`Self::assert_stored_exactly`], which compares the list of stored ids (an id stored twice,
+    /// in two partitions, shows there).
     pub async fn rows(&self) -> i64 {
         let client = pg_client(&pg_url()).await;
         let sql = format!("SELECT count(*) FROM {}.weather_logs", self.schema);
