@@ -1120,7 +1120,8 @@ in
           grantsUnit
         ];
         # --schema-only: the conversion of weather_logs to partitions, which reads a large table
-        # for long, is the maintain unit's, which the consumer does not wait for.
+        # for long, is the maintain unit's, which nothing waits for (an empty table is converted
+        # here, at once).
         serviceConfig =
           asOwner [
             "migrate"
@@ -1141,14 +1142,17 @@ in
           "postgresql.target"
           migrateUnit
         ];
-        # At boot too (it converts weather_logs if needed, while the consumer writes), then hourly.
-        wantedBy = [ "multi-user.target" ];
+        # Started by its timer only: wanted by multi-user.target, it would hold the boot (and
+        # `nixos-rebuild switch`) for as long as a large table's conversion takes.
         serviceConfig = asOwner [ "maintain" ];
       };
       systemd.timers.${maintainUnit} = {
         description = "sistema-mensajes: partitions of weather_logs ahead, and retention, every hour";
         wantedBy = [ "timers.target" ];
+        # A minute after boot (it converts weather_logs if needed, while the consumer writes), then
+        # every hour.
         timerConfig = {
+          OnBootSec = "1min";
           OnCalendar = "hourly";
           RandomizedDelaySec = "5min";
           Persistent = true;

@@ -24,10 +24,11 @@ $$;
 -- Creates the daily partitions after the newest one up to p_now + p_ahead days, and, unless
 -- p_retention is null, drops those whose whole day ended before p_now - p_retention
 -- (weather_logs_expired then covers their days, emptied at each run). weather_logs_ahead gives
--- up the days it covers: at once if it holds no reading of them; otherwise (the maintenance did
--- not run for more than p_ahead days, and readings of today went there) only with p_catch_up, by
--- renaming it weather_logs_catchup, detached, whose rows `consumer maintain` then moves back in
--- small transactions (src/partition.rs), so that no lock is held while they move. Run as the owner (`consumer maintain`, from a timer; `consumer migrate`). Each DDL
+-- up the days it covers: at once if it is empty; otherwise (the maintenance did not run for more
+-- than p_ahead days and readings of today went there, or a station's clock is far ahead) only
+-- with p_catch_up, by renaming it weather_logs_catchup, detached, whose rows `consumer maintain`
+-- then moves back in small transactions (src/partition.rs), so that no lock is held while they
+-- move. Run as the owner (`consumer maintain`, from a timer; `consumer migrate`). Each DDL
 -- takes a brief ACCESS EXCLUSIVE lock on weather_logs; lock_timeout keeps it from queueing the
 -- consumer's inserts behind a long query (it fails instead, and the next run tries again). The
 -- default partition's CHECK constraint (measured_at before the first daily partition, or null)
@@ -58,7 +59,9 @@ BEGIN
     IF day IS NULL THEN
         RAISE EXCEPTION 'weather_logs has no daily partitions; run `consumer migrate`';
     END IF;
-    IF day < horizon AND EXISTS (SELECT FROM weather_logs_ahead WHERE measured_at < horizon) THEN
+    -- A populated ahead (readings of days without a partition, or of a clock far ahead) is never
+    -- re-attached under the parent's lock, which would read all of it: it goes as catchup.
+    IF day < horizon AND EXISTS (SELECT FROM weather_logs_ahead) THEN
         IF NOT p_catch_up OR to_regclass('weather_logs_catchup') IS NOT NULL THEN
             -- Later: in `consumer maintain`, once the previous catch-up is done.
             horizon := day;
@@ -82,8 +85,7 @@ BEGIN
             RETURN NEXT;
             day := day + interval '1 day';
         END LOOP;
-        -- Only readings measured after the horizon are left in it (a station's clock far ahead:
-        -- few), which ATTACH reads to check.
+        -- Empty (a populated one went as catchup above): ATTACH has nothing to read.
         EXECUTE format('ALTER TABLE weather_logs ATTACH PARTITION weather_logs_ahead FOR VALUES FROM (%L) TO (MAXVALUE)', horizon);
     END IF;
     IF p_retention IS NULL THEN

@@ -1016,14 +1016,15 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), DbError> {
         .map_err(DbError::pg("record migration"))?;
         info!(message = "Applied database migration.", version, schema);
     }
+    crate::partition::drop_leftover_constraint(&tx, schema).await?;
     if crate::partition::convert_if_empty(&tx).await? {
         info!(
             message = "Partitioned weather_logs (empty) by day of measured_at.",
             schema
         );
     }
-    // The days ahead, so that a consumer that migrates its own schema (one role) never runs out
-    // of partitions while it reconnects now and then; retention is `consumer maintain`'s.
+    // The days ahead, so that a consumer that migrates its own schema (one role) keeps days ahead
+    // while it reconnects now and then (not a catch-up, nor retention: `consumer maintain`'s).
     crate::partition::create_ahead(&tx).await?;
     tx.commit().await.map_err(DbError::pg("commit migration"))
 }

@@ -122,6 +122,13 @@ pub async fn convert_if_empty(tx: &impl GenericClient) -> Result<bool, DbError> 
     if is_partitioned(tx).await? || !table_is_empty(tx).await? {
         return Ok(false);
     }
+    // Then locked, and again: a row written in between would fail the switch's CHECK.
+    tx.batch_execute("LOCK TABLE weather_logs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .map_err(DbError::pg("apply migration: lock weather_logs"))?;
+    if !table_is_empty(tx).await? {
+        return Ok(false);
+    }
     let today: String = tx
         .query_one(TODAY, &[])
         .await
@@ -137,15 +144,20 @@ pub async fn convert_if_empty(tx: &impl GenericClient) -> Result<bool, DbError> 
 /// locked first (so that no row comes in between); `None` if a row had.
 async fn convert_empty(client: &Client, schema: &str) -> Result<Option<Conversion>, DbError> {
     let started = Instant::now();
-    client
+    let locked = client
         .batch_execute(&format!(
             "BEGIN; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; \
              SELECT pg_advisory_xact_lock({MIGRATION_LOCK}, hashtext({})); \
              LOCK TABLE weather_logs IN ACCESS EXCLUSIVE MODE",
             crate::db::quote_literal(schema)
         ))
-        .await
-        .map_err(DbError::pg("apply migration: lock weather_logs"))?;
+        .await;
+    if let Err(e) = locked {
+        // Busy: the online path, which waits its turn, will do.
+        let _ = client.batch_execute("ROLLBACK").await;
+        lock_wait(e, 1).map_err(DbError::pg("apply migration: lock weather_logs"))?;
+        return Ok(None);
+    }
     let converted = convert_if_empty(client).await;
     let end = if matches!(converted, Ok(true)) {
         "COMMIT"
@@ -202,8 +214,12 @@ pub async fn convert(client: &Client, schema: &str) -> Result<Option<Conversion>
     }
     // A failure to unlock ends with the session, which the caller drops.
     let _ = client
-        .batch_execute("RESET statement_timeout; SELECT pg_advisory_unlock_all()")
+        .execute(
+            "SELECT pg_advisory_unlock($1, hashtext($2))",
+            &[&CONVERSION_LOCK, &schema],
+        )
         .await;
+    let _ = client.batch_execute("RESET statement_timeout").await;
     result
 }
 
@@ -215,6 +231,10 @@ async fn convert_locked(client: &Client, schema: &str) -> Result<Option<Conversi
     if table_is_empty(client).await? {
         if let Some(done) = convert_empty(client, schema).await? {
             return Ok(Some(done));
+        }
+        // A consumer may have converted it meanwhile.
+        if is_partitioned(client).await? {
+            return Ok(None);
         }
     }
     client
@@ -384,6 +404,35 @@ async fn choose_cutover(client: &Client) -> Result<String, DbError> {
     Ok(cutover)
 }
 
+/// In a migration's transaction: removes the CHECK constraint a conversion that was killed left
+/// on the unpartitioned table (it would refuse readings from its cutover on), unless a
+/// conversion is running now (it holds its lock). Cheap when there is none: one catalog read.
+pub async fn drop_leftover_constraint(
+    tx: &impl GenericClient,
+    schema: &str,
+) -> Result<(), DbError> {
+    let left: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid \
+             WHERE t.oid = to_regclass('weather_logs') AND t.relkind = 'r' \
+             AND c.conname = 'weather_logs_default_range') \
+             AND pg_try_advisory_xact_lock($1, hashtext($2))",
+            &[&CONVERSION_LOCK, &schema],
+        )
+        .await
+        .map_err(DbError::pg(
+            "apply migration: look for a conversion's leftover",
+        ))?
+        .get(0);
+    if left {
+        tx.batch_execute("ALTER TABLE weather_logs DROP CONSTRAINT weather_logs_default_range")
+            .await
+            .map_err(DbError::pg("apply migration: drop a conversion's leftover"))?;
+        warn!(message = "Removed the constraint an interrupted conversion to partitions left on weather_logs.");
+    }
+    Ok(())
+}
+
 /// In a migration's transaction: the partitions for the days ahead, if `weather_logs` is
 /// partitioned. Returns how many were created.
 pub async fn create_ahead(tx: &impl GenericClient) -> Result<i64, DbError> {
@@ -409,6 +458,8 @@ pub struct Maintained {
     pub changes: Vec<Change>,
     /// Readings moved back from `weather_logs_catchup` into their days.
     pub caught_up: u64,
+    /// Another run held the maintenance's lock: this one did nothing.
+    pub busy: bool,
 }
 
 impl std::fmt::Display for Maintained {
@@ -434,7 +485,10 @@ impl std::fmt::Display for Maintained {
                 self.caught_up
             )?;
         }
-        write!(f, "partitions of weather_logs maintained")
+        match self.busy {
+            true => write!(f, "another maintenance run is in progress; nothing done"),
+            false => write!(f, "partitions of weather_logs maintained"),
+        }
     }
 }
 
@@ -447,6 +501,34 @@ const CATCH_UP_BATCH: i64 = 10_000;
 /// [`PostgresConfig::attempt_limit`]), then moves back any readings that waited in
 /// `weather_logs_catchup` (a batch per transaction, each bounded by the statement timeout).
 pub async fn maintain(cfg: &PostgresConfig, client: &Client) -> Result<Maintained, DbError> {
+    let schema = cfg.schema.as_str();
+    // One run at a time, for all of it (the catch-up too); another one running is not an error.
+    let mine: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))",
+            &[&CONVERSION_LOCK, &schema],
+        )
+        .await
+        .map_err(DbError::pg("lock the maintenance"))?
+        .get(0);
+    if !mine {
+        info!(message = "Another run of the maintenance is in progress; leaving it to that one.");
+        return Ok(Maintained {
+            busy: true,
+            ..Maintained::default()
+        });
+    }
+    let done = maintain_locked(cfg, client).await;
+    let _ = client
+        .execute(
+            "SELECT pg_advisory_unlock($1, hashtext($2))",
+            &[&CONVERSION_LOCK, &schema],
+        )
+        .await;
+    done
+}
+
+async fn maintain_locked(cfg: &PostgresConfig, client: &Client) -> Result<Maintained, DbError> {
     let mut done = Maintained {
         conversion: convert(client, cfg.schema.as_str()).await?,
         ..Maintained::default()

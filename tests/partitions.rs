@@ -529,3 +529,34 @@ async fn a_failed_conversion_leaves_no_constraint_behind() {
         .unwrap();
     assert_eq!((stored.inserted, stored.rejected.len()), (1, 0));
 }
+
+/// A conversion killed after it constrained the table leaves the constraint (no process is left
+/// to remove it): the next migration (here a consumer's connect) removes it, and a reading
+/// measured after the cutover is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_conversions_constraint_is_removed_by_the_next_migration() {
+    let (names, pg) = unpartitioned("part-killed").await;
+    let s = &names.schema;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {s}.schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO {s}.weather_logs (message_id, station_id, temperature, humidity, pressure, measured_at)
+         VALUES (gen_random_uuid(), 'S', 1, 1, 1000, now());
+         ALTER TABLE {s}.weather_logs ADD CONSTRAINT weather_logs_default_range
+             CHECK (measured_at IS NULL OR measured_at < now() + interval '2 days') NOT VALID"
+    ))
+    .await
+    .unwrap();
+    let db = Db::connect(&names.consumer_config().postgres, None)
+        .await
+        .unwrap();
+    let stored = db
+        .insert_isolating(
+            &[reading("S", Some(midnight(5)))],
+            false,
+            &[&reference_reading()],
+            || (),
+        )
+        .await
+        .unwrap();
+    assert_eq!((stored.inserted, stored.rejected.len()), (1, 0));
+}

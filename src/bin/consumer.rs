@@ -34,8 +34,9 @@ enum Command {
     /// weather_logs. Then does what `maintain` does, unless --schema-only. Exits 0 when done, 75 if
     /// PostgreSQL is unreachable, 78 for a config error.
     Migrate {
-        /// Only the migrations and grants (before the consumer starts); the conversion to
-        /// partitions, which may take long on a large table, is left to `maintain`.
+        /// Only the migrations and grants (before the consumer starts), and the conversion of an
+        /// empty weather_logs; that of a table with rows, which may take long, is left to
+        /// `maintain`.
         #[arg(long)]
         schema_only: bool,
     },

@@ -71,8 +71,8 @@ pub struct PostgresConfig {
     pub owner_password_file: Option<PathBuf>,
     /// How long readings are kept, by `measured_at` (`"400d"`): `consumer maintain` drops each
     /// daily partition once its whole day is older. At least one day. Unset: kept for ever.
-    /// Readings that arrive older than it are stored in `weather_logs_expired`, emptied at the
-    /// next run.
+    /// Readings that arrive for a day already dropped are stored in `weather_logs_expired`,
+    /// emptied at the next run.
     #[serde(
         default,
         deserialize_with = "humantime_serde::deserialize",
