@@ -7,29 +7,30 @@
 //! so the consumer stores it once however often it is sent. Nothing is forgotten: a reading leaves
 //! the producer's memory only on a positive, routed confirm.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use futures_util::FutureExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
-use uuid::Uuid;
 
 use crate::amqp;
 use crate::broker;
 use crate::config::ProducerConfig;
 use crate::health::{Health, Phase};
 use crate::metrics::ProducerMetrics;
-use crate::retry;
 use crate::secret::Secret;
-use crate::station::Stations;
 use crate::telemetry::LogLimiter;
+
+mod inflight;
+mod retries;
+mod source;
+
+use inflight::{Confirmed, Inflight};
+use retries::Retries;
+use source::{Outgoing, Pacer, Source};
 
 /// Most publishes queued at once before their writes are awaited (see [`Publisher::publish`]).
 const PUBLISH_BURST: usize = 64;
@@ -85,117 +86,20 @@ pub enum ProducerError {
 
 pub type Deps = crate::daemon::Deps<ProducerMetrics>;
 
-struct Outgoing {
-    id: String,
-    body: Vec<u8>,
-    published_before: bool,
-}
-
-enum Source {
-    Stations {
-        stations: Box<Stations>,
-        remaining: Option<u64>,
-    },
-    One(Option<Vec<u8>>),
-}
-
-impl Source {
-    fn next(&mut self) -> Option<Outgoing> {
-        match self {
-            Source::Stations {
-                stations,
-                remaining,
-            } => {
-                if let Some(r) = remaining {
-                    if *r == 0 {
-                        return None;
-                    }
-                    *r -= 1;
-                }
-                let (id, body) = stations.sample();
-                Some(Outgoing {
-                    id: id.to_string(),
-                    body,
-                    published_before: false,
-                })
-            }
-            Source::One(body) => body.take().map(|body| Outgoing {
-                id: Uuid::now_v7().to_string(),
-                body,
-                published_before: false,
-            }),
-        }
-    }
-
-    fn exhausted(&self) -> bool {
-        self.unsent() == 0
-            && !matches!(
-                self,
-                Source::Stations {
-                    remaining: None,
-                    ..
-                }
-            )
-    }
-
-    /// Readings still to send (0 for an endless simulation).
-    fn unsent(&self) -> u64 {
-        match self {
-            Source::Stations { remaining, .. } => remaining.unwrap_or(0),
-            Source::One(body) => u64::from(body.is_some()),
-        }
-    }
-}
-
-/// Releases readings at a steady rate; never more than `burst` at once after a stall.
-struct Pacer {
-    rate: Option<f64>,
-    start: Instant,
-    released: u64,
-}
-
-impl Pacer {
-    fn new(rate: Option<f64>) -> Self {
-        Self {
-            rate,
-            start: Instant::now(),
-            released: 0,
-        }
-    }
-
-    /// How many readings are due now, at most `room`.
-    fn due(&mut self, now: Instant, room: usize) -> usize {
-        let Some(rate) = self.rate else { return room };
-        let target = (now.duration_since(self.start).as_secs_f64() * rate) as u64;
-        let owed = target.saturating_sub(self.released);
-        if owed > room as u64 + 1 {
-            // Sensors sample when they can: readings missed while stalled are skipped, not bunched.
-            let skipped = owed - room as u64;
-            self.released += skipped;
-        }
-        let due = target.saturating_sub(self.released).min(room as u64) as usize;
-        self.released += due as u64;
-        due
-    }
-}
-
 /// What a write needs to wait well: the connection's state (blocked or not) and shutdown.
 struct Writing<'a> {
     conn: &'a lapin::ConnectionStatus,
     token: &'a CancellationToken,
 }
 
-type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
-
-/// The state that outlives a connection.
+/// The state that outlives a connection: what to publish ([`Source`], [`Pacer`]) and what to
+/// publish again ([`Retries`]). What one channel has in flight is its [`Inflight`].
 struct Publisher {
     cfg: ProducerConfig,
     metrics: Arc<ProducerMetrics>,
     source: Source,
     pacer: Pacer,
-    retry: VecDeque<Outgoing>,
-    retry_after: Option<tokio::time::Instant>,
-    retry_delays: Box<dyn Iterator<Item = Duration> + Send>,
+    retry: Retries,
     summary: Summary,
     log: LogLimiter,
     health: Arc<Health>,
@@ -210,29 +114,14 @@ pub async fn run(
 ) -> Result<Summary, ProducerError> {
     let password = crate::secret::loaded("amqp", cfg.amqp.password()?);
     let mut brokers = cfg.amqp.brokers(password.as_ref());
-    let source = match mode {
-        Mode::Simulate => Source::Stations {
-            stations: Box::new(Stations::new(cfg.simulation.stations)),
-            remaining: None,
-        },
-        Mode::Count(n) => Source::Stations {
-            stations: Box::new(Stations::new(cfg.simulation.stations)),
-            remaining: Some(n),
-        },
-        Mode::Send(body) => Source::One(Some(body)),
-    };
-    let rate = match source {
-        Source::One(_) => None,
-        Source::Stations { .. } => cfg.simulation.total_rate(),
-    };
+    let source = Source::new(mode, cfg.simulation.stations);
+    let rate = cfg.simulation.total_rate().filter(|_| source.paced());
     let mut publisher = Publisher {
-        retry_delays: Box::new(retry::delays(&cfg.retry)),
+        retry: Retries::new(&cfg.retry),
         cfg,
         metrics: deps.metrics,
         source,
         pacer: Pacer::new(rate),
-        retry: VecDeque::new(),
-        retry_after: None,
         summary: Summary::default(),
         log: LogLimiter::new(5, Duration::from_secs(10)),
         health: deps.health.clone(),
@@ -314,8 +203,8 @@ impl broker::Session for Publisher {
 }
 
 impl Publisher {
-    /// Publishes on one channel until done (`Ok`) or the channel fails (`Err`); on failure every
-    /// unconfirmed reading is back in the retry queue.
+    /// Publishes on one channel until done (`Ok`) or the channel fails (`Err`); then every
+    /// unconfirmed reading is back in the retry queue, oldest first.
     async fn session(
         &mut self,
         conn: &Connection,
@@ -323,41 +212,40 @@ impl Publisher {
         health: &Health,
         token: &CancellationToken,
     ) -> Result<(), amqp::AmqpError> {
-        let window = self.cfg.simulation.confirm_window;
-        // Sized once for the whole window: growing it in steps would hold the old and the new
-        // table at once, each time.
-        let mut inflight: HashMap<u64, (Outgoing, Instant)> = HashMap::with_capacity(window);
-        let mut confirms: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
-        let mut seq: u64 = 0;
+        let mut inflight = Inflight::new(self.cfg.simulation.confirm_window);
+        let result = self
+            .confirm_loop(conn, channel, health, token, &mut inflight)
+            .await;
+        self.retry.put_back(inflight.into_unconfirmed());
+        result
+    }
+
+    async fn confirm_loop(
+        &mut self,
+        conn: &Connection,
+        channel: &Channel,
+        health: &Health,
+        token: &CancellationToken,
+        inflight: &mut Inflight,
+    ) -> Result<(), amqp::AmqpError> {
         let mut tick = tokio::time::interval(PACE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result = loop {
+        loop {
             let stopping = token.is_cancelled();
             let blocked = conn.status().blocked();
             report_blocked(&self.metrics, health, blocked);
             // While the broker blocks us, publishing would only queue frames lapin cannot send.
-            let writing = Writing {
-                conn: conn.status(),
-                token,
-            };
-            if let Err(e) = self
-                .fill(
-                    channel,
-                    &writing,
-                    &mut inflight,
-                    &mut confirms,
-                    &mut seq,
-                    window,
-                    stopping || blocked,
-                )
-                .await
-            {
-                if matches!(e, amqp::AmqpError::Blocked) && token.is_cancelled() {
+            if !(stopping || blocked) {
+                let writing = Writing {
+                    conn: conn.status(),
+                    token,
+                };
+                match self.fill(channel, &writing, inflight).await {
                     // Shutdown while the broker blocks us: stop, the rest unconfirmed.
-                    self.retry.extend(inflight.drain().map(|(_, (msg, _))| msg));
-                    break Ok(());
+                    Err(amqp::AmqpError::Blocked) if token.is_cancelled() => return Ok(()),
+                    Err(e) => return Err(e),
+                    Ok(()) => {}
                 }
-                break Err(e);
             }
             self.metrics
                 .unconfirmed
@@ -365,43 +253,34 @@ impl Publisher {
             if inflight.is_empty()
                 && (stopping || (self.source.exhausted() && self.retry.is_empty()))
             {
-                break Ok(());
+                return Ok(());
             }
             if stopping && blocked {
                 // No confirm can come while the broker blocks us: stop with them unconfirmed.
-                self.retry.extend(inflight.drain().map(|(_, (msg, _))| msg));
-                break Ok(());
+                return Ok(());
             }
             tokio::select! {
                 // Confirms first: at shutdown, one already in must not be taken for missing.
                 biased;
-                Some(first) = confirms.next() => {
+                Some(first) = inflight.next() => {
                     // The broker confirms in runs (`multiple`): settle every one already in before
                     // publishing again, rather than one per turn of the loop.
                     let mut next = Some(first);
-                    let mut failed = None;
-                    while let Some((n, confirmation)) = next.take() {
-                        if let Some((msg, sent)) = inflight.remove(&n) {
-                            match confirmation {
-                                Ok(c) => self.settle(msg, sent, c),
-                                Err(e) => {
-                                    self.retry.push_back(msg);
-                                    failed = Some(e);
-                                    break;
-                                }
+                    while let Some(Confirmed { msg, sent, confirmation }) = next.take() {
+                        match confirmation {
+                            Ok(c) => self.settle(msg, sent, c),
+                            Err(e) => {
+                                self.retry.put_back(std::iter::once(msg));
+                                return Err(e.into());
                             }
                         }
-                        next = confirms.next().now_or_never().flatten();
-                    }
-                    if let Some(e) = failed {
-                        break Err(e.into());
+                        next = inflight.ready();
                     }
                 }
                 _ = tick.tick() => {
                     // A confirm may never resolve on a dead connection: notice it here.
                     if !channel.status().connected() {
-                        self.retry.extend(inflight.drain().map(|(_, (msg, _))| msg));
-                        break Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                        return Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
                             lapin::ChannelState::Closed,
                             "the channel closed with confirms outstanding",
                         )).into());
@@ -412,52 +291,37 @@ impl Publisher {
                 }
             }
             health.beat();
-        };
-        if result.is_err() {
-            // Oldest first, ahead of anything already waiting.
-            let mut lost: Vec<_> = inflight.drain().collect();
-            lost.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-            for (_, (msg, _)) in lost {
-                self.retry.push_front(msg);
-            }
         }
-        result
     }
 
     /// Publishes retries that are due, then new readings that are due, while the window has room.
-    #[allow(clippy::too_many_arguments)]
     async fn fill(
         &mut self,
         channel: &Channel,
         writing: &Writing<'_>,
-        inflight: &mut HashMap<u64, (Outgoing, Instant)>,
-        confirms: &mut FuturesUnordered<ConfirmFuture>,
-        seq: &mut u64,
-        window: usize,
-        stopping: bool,
+        inflight: &mut Inflight,
     ) -> Result<(), amqp::AmqpError> {
-        if stopping {
-            return Ok(());
-        }
-        let retry_due = self
-            .retry_after
-            .is_none_or(|t| t <= tokio::time::Instant::now());
-        let mut room = window.saturating_sub(inflight.len());
+        let mut room = self
+            .cfg
+            .simulation
+            .confirm_window
+            .saturating_sub(inflight.len());
+        let mut retrying = self.retry.due();
         // While readings come back unroutable or nacked, the simulation pauses: only the
         // readings already made are retried, so memory stays within the confirm window.
-        let mut new = match self.retry_after {
-            Some(_) => 0,
-            None => self.pacer.due(
-                Instant::now(),
-                room.saturating_sub(if retry_due { self.retry.len() } else { 0 }),
-            ),
+        let mut new = match self.retry.paused() {
+            true => 0,
+            false => self
+                .pacer
+                .due(Instant::now(), room.saturating_sub(retrying)),
         };
         while room > 0 {
             let size = room.min(PUBLISH_BURST);
             let mut burst = Vec::with_capacity(size);
             while burst.len() < size {
-                let msg = if retry_due && !self.retry.is_empty() {
-                    self.retry.pop_front()
+                let msg = if retrying > 0 {
+                    retrying -= 1;
+                    self.retry.pop()
                 } else if new > 0 {
                     new -= 1;
                     self.source.next()
@@ -471,8 +335,7 @@ impl Publisher {
                 break;
             }
             room -= burst.len();
-            self.publish(channel, writing, burst, inflight, confirms, seq)
-                .await?;
+            self.publish(channel, writing, burst, inflight).await?;
         }
         Ok(())
     }
@@ -488,9 +351,7 @@ impl Publisher {
         channel: &Channel,
         writing: &Writing<'_>,
         burst: Vec<Outgoing>,
-        inflight: &mut HashMap<u64, (Outgoing, Instant)>,
-        confirms: &mut FuturesUnordered<ConfirmFuture>,
-        seq: &mut u64,
+        inflight: &mut Inflight,
     ) -> Result<(), amqp::AmqpError> {
         let options = BasicPublishOptions {
             mandatory: true,
@@ -528,45 +389,29 @@ impl Publisher {
                 break;
             }
         }
-        let mut failed = None;
-        let mut unsent = Vec::new();
         // Shorter than `burst` after a failure: the rest were not awaited.
         let mut written = written.into_iter();
-        for msg in burst {
-            let confirm = match (written.next(), &failed) {
-                (Some(Ok(confirm)), None) => confirm,
-                (Some(Err(e)), None) => {
-                    failed = Some(e);
-                    unsent.push(msg);
-                    continue;
+        let mut burst = burst.into_iter();
+        for msg in burst.by_ref() {
+            match written.next() {
+                Some(Ok(confirm)) => {
+                    self.metrics.published.inc();
+                    if msg.published_before {
+                        self.metrics.republished.inc();
+                    }
+                    inflight.track(msg, confirm);
                 }
-                _ => {
-                    unsent.push(msg);
-                    continue;
+                failed => {
+                    self.retry.put_back(std::iter::once(msg).chain(burst));
+                    return match failed {
+                        Some(Err(e)) => Err(e),
+                        // `written` ends early only after a failure, returned above.
+                        _ => Ok(()),
+                    };
                 }
-            };
-            self.metrics.published.inc();
-            if msg.published_before {
-                self.metrics.republished.inc();
             }
-            *seq += 1;
-            let n = *seq;
-            confirms.push(confirm.map(move |c| (n, c)).boxed());
-            inflight.insert(
-                n,
-                (
-                    Outgoing {
-                        published_before: true,
-                        ..msg
-                    },
-                    Instant::now(),
-                ),
-            );
         }
-        for msg in unsent.into_iter().rev() {
-            self.retry.push_front(msg);
-        }
-        failed.map_or(Ok(()), Err)
+        Ok(())
     }
 
     fn settle(&mut self, msg: Outgoing, sent: Instant, confirmation: Confirmation) {
@@ -577,8 +422,7 @@ impl Publisher {
             Confirmation::Ack(None) | Confirmation::NotRequested => {
                 self.summary.confirmed += 1;
                 self.metrics.confirmed.inc();
-                if self.retry_after.take().is_some() {
-                    self.retry_delays = Box::new(retry::delays(&self.cfg.retry));
+                if self.retry.accepted() {
                     self.health.set_problem(None);
                     info!(
                         message = "Readings are accepted again; the simulation resumes.",
@@ -600,7 +444,7 @@ impl Publisher {
                 (false, "nacked by the broker".to_owned())
             }
         };
-        if self.retry_after.is_none() {
+        if !self.retry.paused() {
             let amqp = &self.cfg.amqp;
             let why = match unroutable {
                 true => format!(
@@ -614,18 +458,17 @@ impl Publisher {
             warn!(message = "Pausing the simulation until readings are accepted again.", why = %why, retrying = self.retry.len() + 1);
             self.health.set_problem(Some(why));
         }
-        let delay = self.retry_delays.next().unwrap_or(Duration::from_secs(1));
-        self.retry_after = Some(tokio::time::Instant::now() + delay);
+        let id = msg.id.clone();
+        let delay = self.retry.refused(msg);
         if let Some(suppressed) = self.log.allow(Instant::now()) {
             warn!(
                 message = "A reading was not accepted; it will be republished.",
                 problem,
-                reading_id = msg.id,
+                reading_id = id,
                 retry_in_ms = delay.as_millis() as u64,
                 suppressed
             );
         }
-        self.retry.push_back(msg);
     }
 }
 
@@ -668,23 +511,5 @@ pub fn status_line(metrics: &ProducerMetrics, health: &Health) -> String {
             "waiting for RabbitMQ: {}",
             problem.as_deref().unwrap_or("connecting")
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pacer_releases_at_the_rate_and_skips_after_a_stall() {
-        let mut p = Pacer::new(Some(100.0));
-        let t0 = p.start;
-        assert_eq!(p.due(t0 + Duration::from_millis(50), 1000), 5);
-        assert_eq!(p.due(t0 + Duration::from_millis(100), 1000), 5);
-        // A 10 s stall with room for 3: three now, the rest skipped, no burst afterwards.
-        assert_eq!(p.due(t0 + Duration::from_secs(10), 3), 3);
-        assert_eq!(p.due(t0 + Duration::from_millis(10_010), 1000), 1);
-        let mut unlimited = Pacer::new(None);
-        assert_eq!(unlimited.due(Instant::now(), 7), 7);
     }
 }

@@ -1,0 +1,103 @@
+//! Confirm tracking: the readings published on the current channel that await the broker's
+//! confirm, by their confirm sequence number.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use lapin::{Confirmation, PublisherConfirm};
+
+use super::source::Outgoing;
+
+type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
+
+/// A reading whose confirm came in: when it was sent, and what the broker said.
+pub(super) struct Confirmed {
+    pub msg: Outgoing,
+    pub sent: Instant,
+    pub confirmation: lapin::Result<Confirmation>,
+}
+
+/// Lives as long as one channel: confirm sequence numbers start again on the next.
+pub(super) struct Inflight {
+    waiting: HashMap<u64, (Outgoing, Instant)>,
+    confirms: FuturesUnordered<ConfirmFuture>,
+    seq: u64,
+}
+
+impl Inflight {
+    /// Sized once for the whole confirm `window`: growing the table in steps would hold the old
+    /// and the new one at once, each time.
+    pub fn new(window: usize) -> Self {
+        Self {
+            waiting: HashMap::with_capacity(window),
+            confirms: FuturesUnordered::new(),
+            seq: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Tracks a reading whose publish was written, in publishing order: the broker numbers its
+    /// confirms in that order.
+    pub fn track(&mut self, msg: Outgoing, confirm: PublisherConfirm) {
+        self.seq += 1;
+        let n = self.seq;
+        self.confirms.push(confirm.map(move |c| (n, c)).boxed());
+        let msg = Outgoing {
+            published_before: true,
+            ..msg
+        };
+        self.waiting.insert(n, (msg, Instant::now()));
+    }
+
+    /// The next confirm; `None` (at once) when nothing is in flight. Cancel-safe: a confirm is
+    /// taken off only when it is returned.
+    pub async fn next(&mut self) -> Option<Confirmed> {
+        while let Some((n, confirmation)) = self.confirms.next().await {
+            if let Some(confirmed) = self.confirmed(n, confirmation) {
+                return Some(confirmed);
+            }
+        }
+        None
+    }
+
+    /// A confirm already in, without waiting. The broker confirms in runs (`multiple`), so after
+    /// [`Inflight::next`] the rest of the run is here.
+    pub fn ready(&mut self) -> Option<Confirmed> {
+        while let Some((n, confirmation)) = self.confirms.next().now_or_never().flatten() {
+            if let Some(confirmed) = self.confirmed(n, confirmation) {
+                return Some(confirmed);
+            }
+        }
+        None
+    }
+
+    fn confirmed(
+        &mut self,
+        n: u64,
+        confirmation: lapin::Result<Confirmation>,
+    ) -> Option<Confirmed> {
+        let (msg, sent) = self.waiting.remove(&n)?;
+        Some(Confirmed {
+            msg,
+            sent,
+            confirmation,
+        })
+    }
+
+    /// The readings still unconfirmed, oldest first: their channel is gone, or the producer stops.
+    pub fn into_unconfirmed(self) -> impl DoubleEndedIterator<Item = Outgoing> {
+        let mut lost: Vec<_> = self.waiting.into_iter().collect();
+        lost.sort_unstable_by_key(|(n, _)| *n);
+        lost.into_iter().map(|(_, (msg, _))| msg)
+    }
+}

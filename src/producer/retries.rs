@@ -1,0 +1,82 @@
+//! The retry queue: readings to publish again (nacked, returned, or unconfirmed when a
+//! connection was lost), and the pause while the broker refuses readings.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::RetryConfig;
+use crate::retry;
+
+use super::source::Outgoing;
+
+pub(super) struct Retries {
+    queue: VecDeque<Outgoing>,
+    /// Set while readings come back refused: no retry before this, and no new reading at all.
+    after: Option<Instant>,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+    cfg: RetryConfig,
+}
+
+impl Retries {
+    pub fn new(cfg: &RetryConfig) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            after: None,
+            delays: Box::new(retry::delays(cfg)),
+            cfg: cfg.clone(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Whether the broker refuses readings: the simulation waits until one is accepted.
+    pub fn paused(&self) -> bool {
+        self.after.is_some()
+    }
+
+    /// Readings that may be retried now (none before the backoff of a refusal has passed).
+    pub fn due(&self) -> usize {
+        match self.after {
+            Some(t) if t > Instant::now() => 0,
+            _ => self.queue.len(),
+        }
+    }
+
+    pub fn pop(&mut self) -> Option<Outgoing> {
+        self.queue.pop_front()
+    }
+
+    /// Readings sent but not confirmed, or not written: first in line, in the order given.
+    pub fn put_back(&mut self, msgs: impl DoubleEndedIterator<Item = Outgoing>) {
+        for msg in msgs.rev() {
+            self.queue.push_front(msg);
+        }
+    }
+
+    /// A reading the broker refused (nack or return): last in line, after a backoff that grows
+    /// with each refusal until one is accepted. Returns the backoff.
+    pub fn refused(&mut self, msg: Outgoing) -> Duration {
+        let delay = self.delays.next().unwrap_or(Duration::from_secs(1));
+        self.after = Some(Instant::now() + delay);
+        self.queue.push_back(msg);
+        delay
+    }
+
+    /// A reading was accepted: ends a pause and starts the backoff over. Returns whether it
+    /// ended one.
+    pub fn accepted(&mut self) -> bool {
+        if self.after.take().is_none() {
+            return false;
+        }
+        self.delays = Box::new(retry::delays(&self.cfg));
+        true
+    }
+}
