@@ -39,6 +39,34 @@
 
       packages = forAllSystems (pkgs: {
         default = pkgs.callPackage ./nixos/package.nix { };
+        # `nix run .#demo [N]`: scripts/demo with this flake's daemons, and this flake's RabbitMQ
+        # and PostgreSQL where none answer on 127.0.0.1:5672 and :5432 (started as the calling
+        # user, in a temporary directory, and removed afterwards).
+        demo = pkgs.writeShellApplication {
+          name = "sistema-mensajes-demo";
+          runtimeInputs = [
+            pkgs.rabbitmq-server
+            pkgs.postgresql
+            pkgs.curl
+            pkgs.coreutils
+            pkgs.gawk
+            pkgs.gnugrep
+            pkgs.gnused
+          ];
+          text = ''
+            export DEMO_BIN=${self.packages.${pkgs.stdenv.hostPlatform.system}.default}/bin
+            exec ${self}/scripts/demo "$@"
+          '';
+          meta.description = "Both daemons against local RabbitMQ and PostgreSQL; prints the rows stored";
+        };
+      });
+
+      apps = forAllSystems (pkgs: {
+        demo = {
+          type = "app";
+          program = lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.demo;
+          meta.description = self.packages.${pkgs.stdenv.hostPlatform.system}.demo.meta.description;
+        };
       });
 
       nixosModules = {
@@ -77,9 +105,12 @@
             pkgs.rabbitmq-server
             pkgs.postgresql
             pkgs.prometheus.cli # promtool
+            pkgs.prometheus-alertmanager # amtool, .ci/alerts-e2e
             pkgs.nixfmt
             pkgs.deadnix
             pkgs.jq
+            pkgs.curl
+            (pkgs.python3.withPackages (ps: [ ps.pika ])) # the CI scripts' independent AMQP client
           ];
         };
       });
