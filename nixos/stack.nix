@@ -526,8 +526,9 @@ in
 
   options.services.sistema-mensajes.stack = {
     enable = lib.mkEnableOption ''
-      the whole stack on this host: RabbitMQ, PostgreSQL, Prometheus and Grafana, provisioned for
-      sistema-mensajes, with the daemons that are enabled here wired to them'';
+      the whole stack on this host: RabbitMQ, PostgreSQL, Prometheus (with Alertmanager,
+      node_exporter and postgres_exporter) and Grafana, provisioned for sistema-mensajes, with the
+      daemons that are enabled here wired to them'';
 
     tls = {
       caFile = h.secretFile ''
@@ -561,8 +562,9 @@ in
           With a quorum queue (the consumer's `settings.amqp.queue_type = "quorum"`): after this
           many returns to the queue (a consumer that crashed or lost its link while holding the
           message), RabbitMQ dead-letters the message to the consumer's dead-letter exchange, at
-          least once, instead of redelivering it forever (RabbitMQ 3.x) or dropping it after 20
-          (RabbitMQ 4.x's default with no dead-letter exchange). Set by the provisioning unit as
+          least once, instead of redelivering it forever (RabbitMQ 3.x) or, as RabbitMQ 4.x's
+          documentation says of its default of 20 (not verified here: RabbitMQ 3.10 runs here),
+          dropping it. Set by the provisioning unit as
           the policy `sistema-mensajes-delivery-limit-<queue>` (so it applies to a queue that
           exists). Null: no policy, RabbitMQ's own default.
         '';
@@ -634,7 +636,7 @@ in
         defaultText = lib.literalExpression ''"''${config.services.sistema-mensajes.stack.postgresql.database}_writer"'';
         description = ''
           Role the consumer logs in as: `consumer migrate` grants it USAGE on the schema, INSERT on
-          `weather_logs` (and SELECT on its `message_id`, for ON CONFLICT), SELECT on
+          `weather_logs` (no SELECT: its `ON CONFLICT DO NOTHING` names no column), SELECT on
           `schema_migrations` and EXECUTE on `weather_logs_conflicts`, and nothing else. A consumer
           on this host reaches it over the Unix socket with peer authentication (its Unix user is
           mapped to it): no password.
@@ -664,7 +666,7 @@ in
     };
 
     prometheus = {
-      enable = enableOption "Prometheus (listening on 127.0.0.1 unless `services.prometheus.listenAddress` says otherwise), scraping both daemons, RabbitMQ and itself, with the pipeline's alert rules";
+      enable = enableOption "Prometheus (listening on 127.0.0.1 unless `services.prometheus.listenAddress` says otherwise), scraping itself and the jobs of `targets` (both daemons, RabbitMQ, node_exporter, postgres_exporter), with the pipeline's alert rules";
       targets =
         lib.mapAttrs
           (
