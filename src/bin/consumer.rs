@@ -30,9 +30,10 @@ enum Command {
         reason: Option<String>,
     },
     /// Apply the schema migrations as the owner role (`postgres.owner_url`, else `postgres.url`)
-    /// and grant the consumer's role (the user of `postgres.url`) only what it needs: INSERT on
-    /// weather_logs. Then does what `maintain` does, unless --schema-only. Exits 0 when done, 75 if
-    /// PostgreSQL is unreachable, 78 for a config error.
+    /// and grant the consumer's role (the user of `postgres.url`) only what it needs: USAGE on the
+    /// schema, INSERT on weather_logs, SELECT on schema_migrations, EXECUTE on
+    /// weather_logs_conflicts. Then does what `maintain` does, unless --schema-only. Exits 0 when
+    /// done, 75 if PostgreSQL is unreachable, 78 for a config error.
     Migrate {
         /// Only the migrations and grants (before the consumer starts), and the conversion of an
         /// empty weather_logs; that of a table with rows, which may take long, is left to
