@@ -18,6 +18,10 @@ need_apt() {
   local missing=()
   for spec in "$@"; do command -v "${spec%%:*}" >/dev/null || missing+=("${spec#*:}"); done
   if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+      echo "missing: ${missing[*]} (Debian's packages; install them as root, or put their programs on the PATH)" >&2
+      return 1
+    fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi

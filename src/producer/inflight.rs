@@ -13,12 +13,15 @@ use super::source::Outgoing;
 
 type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
 
-/// A reading whose confirm came in: when it was sent, and what the broker said.
+/// A reading whose confirm came in, and when it was sent.
 pub(super) struct Confirmed {
+    seq: u64,
     pub msg: Outgoing,
     pub sent: Instant,
-    pub confirmation: lapin::Result<Confirmation>,
 }
+
+/// A confirm: the reading, and what the broker said.
+pub(super) type Settled = (Confirmed, lapin::Result<Confirmation>);
 
 /// Lives as long as one channel: confirm sequence numbers start again on the next.
 pub(super) struct Inflight {
@@ -61,7 +64,7 @@ impl Inflight {
 
     /// The next confirm; `None` (at once) when nothing is in flight. Cancel-safe: a confirm is
     /// taken off only when it is returned.
-    pub async fn next(&mut self) -> Option<Confirmed> {
+    pub async fn next(&mut self) -> Option<Settled> {
         while let Some((n, confirmation)) = self.confirms.next().await {
             if let Some(confirmed) = self.confirmed(n, confirmation) {
                 return Some(confirmed);
@@ -72,7 +75,7 @@ impl Inflight {
 
     /// A confirm already in, without waiting. The broker confirms in runs (`multiple`), so after
     /// [`Inflight::next`] the rest of the run is here.
-    pub fn ready(&mut self) -> Option<Confirmed> {
+    pub fn ready(&mut self) -> Option<Settled> {
         while let Some((n, confirmation)) = self.confirms.next().now_or_never().flatten() {
             if let Some(confirmed) = self.confirmed(n, confirmation) {
                 return Some(confirmed);
@@ -81,17 +84,16 @@ impl Inflight {
         None
     }
 
-    fn confirmed(
-        &mut self,
-        n: u64,
-        confirmation: lapin::Result<Confirmation>,
-    ) -> Option<Confirmed> {
+    fn confirmed(&mut self, n: u64, confirmation: lapin::Result<Confirmation>) -> Option<Settled> {
         let (msg, sent) = self.waiting.remove(&n)?;
-        Some(Confirmed {
-            msg,
-            sent,
-            confirmation,
-        })
+        Some((Confirmed { seq: n, msg, sent }, confirmation))
+    }
+
+    /// Takes back a reading whose confirm failed (its channel is gone), so that it goes back
+    /// with the others, in publishing order ([`Inflight::into_unconfirmed`]).
+    pub fn restore(&mut self, confirmed: Confirmed) {
+        self.waiting
+            .insert(confirmed.seq, (confirmed.msg, confirmed.sent));
     }
 
     /// The readings still unconfirmed, oldest first: their channel is gone, or the producer stops.

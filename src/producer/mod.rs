@@ -28,7 +28,7 @@ mod inflight;
 mod retries;
 mod source;
 
-use inflight::{Confirmed, Inflight};
+use inflight::Inflight;
 use retries::Retries;
 use source::{Outgoing, Pacer, Source};
 
@@ -266,11 +266,11 @@ impl Publisher {
                     // The broker confirms in runs (`multiple`): settle every one already in before
                     // publishing again, rather than one per turn of the loop.
                     let mut next = Some(first);
-                    while let Some(Confirmed { msg, sent, confirmation }) = next.take() {
+                    while let Some((confirmed, confirmation)) = next.take() {
                         match confirmation {
-                            Ok(c) => self.settle(msg, sent, c),
+                            Ok(c) => self.settle(confirmed.msg, confirmed.sent, c),
                             Err(e) => {
-                                self.retry.put_back(std::iter::once(msg));
+                                inflight.restore(confirmed);
                                 return Err(e.into());
                             }
                         }

@@ -80,3 +80,50 @@ impl Retries {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(id: &str) -> Outgoing {
+        Outgoing {
+            id: id.into(),
+            body: Vec::new(),
+            published_before: true,
+        }
+    }
+
+    fn ids(retries: &mut Retries) -> Vec<String> {
+        std::iter::from_fn(|| retries.pop()).map(|m| m.id).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_pauses_until_its_backoff_and_an_acceptance_starts_over() {
+        let cfg = RetryConfig {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+        };
+        let mut retries = Retries::new(&cfg);
+        assert!(!retries.paused());
+        retries.put_back(vec![reading("a"), reading("b")].into_iter());
+        assert_eq!(retries.due(), 2);
+
+        let delay = retries.refused(reading("refused"));
+        assert!(retries.paused());
+        assert!(
+            delay >= cfg.min_delay && delay <= cfg.max_delay,
+            "{delay:?}"
+        );
+        assert_eq!(retries.due(), 0, "nothing is retried before the backoff");
+        tokio::time::advance(delay).await;
+        assert_eq!(retries.due(), 3);
+
+        // Unconfirmed readings go ahead of those waiting, in their order; a refused one last.
+        retries.put_back(vec![reading("x"), reading("y")].into_iter());
+        assert_eq!(ids(&mut retries), ["x", "y", "a", "b", "refused"]);
+
+        assert!(retries.accepted(), "the first acceptance ends the pause");
+        assert!(!retries.paused());
+        assert!(!retries.accepted(), "and only the first");
+    }
+}
