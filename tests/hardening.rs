@@ -334,6 +334,71 @@ async fn an_unbound_queue_pauses_the_producer_with_bounded_memory_until_it_is_bo
     );
 }
 
+/// While the binding comes and goes, routed and unroutable readings are confirmed in the same
+/// runs, and lapin hands each `basic.return` to whichever confirm of the run it completes first
+/// (lapin's `Acknowledgements::complete_pending`): a routed reading may carry another's return,
+/// and the unroutable one a plain ack. Every reading the producer counts as confirmed must still
+/// be in the queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_return_handed_to_another_readings_confirm_still_republishes_its_own_reading() {
+    const N: u64 = 20_000;
+    let names = Names::new("returns");
+    let client = Client::connect().await;
+    names.predeclare_like_the_old_system(&client.channel).await;
+    let mut cfg = names.producer_config_via(&amqp_url());
+    cfg.simulation.rate = Some(0.0);
+    cfg.retry = fast_retry();
+    let deps = producer::Deps::default();
+    let run = tokio::spawn(producer::run(
+        cfg,
+        Mode::Count(N),
+        deps.clone(),
+        CancellationToken::new(),
+    ));
+    // The producer declares the binding when it connects: toggle it once that is done.
+    wait_until(LIMIT, "readings confirmed", || async {
+        deps.metrics.confirmed.get() >= 1
+    })
+    .await;
+    let mut toggles = 0;
+    while !run.is_finished() && toggles < 2_000 {
+        names.unbind(&client.channel).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        names.bind(&client.channel).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        toggles += 1;
+    }
+    names.bind(&client.channel).await;
+    let summary = tokio::time::timeout(LIMIT, run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_all_confirmed(summary, N);
+    assert!(
+        deps.metrics.returned.get() > 0,
+        "no reading came back: the binding never went while readings were in flight"
+    );
+    let mut ids = std::collections::HashSet::new();
+    while let Some(msg) = client
+        .channel
+        .basic_get(
+            names.queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        ids.insert(msg.delivery.properties.message_id().clone().unwrap());
+    }
+    assert_eq!(
+        ids.len() as u64,
+        N,
+        "confirmed readings missing from the queue ({} returns over {toggles} unbinds)",
+        deps.metrics.returned.get()
+    );
+}
+
 /// PostgreSQL refusing our role, or a database that does not exist, is not an outage: the
 /// status names the cause. The consumer keeps retrying, and starts once the role exists.
 #[tokio::test(flavor = "multi_thread")]

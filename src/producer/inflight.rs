@@ -7,6 +7,7 @@ use std::time::Instant;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
+use lapin::message::BasicReturnMessage;
 use lapin::{Confirmation, PublisherConfirm};
 
 use super::source::Outgoing;
@@ -28,6 +29,10 @@ pub(super) struct Inflight {
     waiting: HashMap<u64, (Outgoing, Instant)>,
     confirms: FuturesUnordered<ConfirmFuture>,
     seq: u64,
+    /// Returns that came with another reading's confirm, by the message id of their own.
+    returned_elsewhere: HashMap<String, BasicReturnMessage>,
+    /// Returns whose reading's confirm came first, without them.
+    late: Vec<BasicReturnMessage>,
 }
 
 impl Inflight {
@@ -38,6 +43,8 @@ impl Inflight {
             waiting: HashMap::with_capacity(window),
             confirms: FuturesUnordered::new(),
             seq: 0,
+            returned_elsewhere: HashMap::new(),
+            late: Vec::new(),
         }
     }
 
@@ -86,7 +93,65 @@ impl Inflight {
 
     fn confirmed(&mut self, n: u64, confirmation: lapin::Result<Confirmation>) -> Option<Settled> {
         let (msg, sent) = self.waiting.remove(&n)?;
+        let confirmation = confirmation.map(|c| self.own_return(&msg.id, c));
         Some((Confirmed { seq: n, msg, sent }, confirmation))
+    }
+
+    /// The confirm with the return of this reading, if any, whichever confirm brought it.
+    ///
+    /// lapin hands each `basic.return` to the next confirm it completes, not to its own reading's
+    /// (lapin's `acknowledgement.rs`, `complete_pending`), and completes the confirms of one
+    /// `basic.ack` with `multiple` in no particular order. When routed and unroutable readings are
+    /// confirmed together (a binding that comes or goes), a routed reading may carry another's
+    /// return and the unroutable one a plain ack, which would count it as stored. A return says
+    /// whose it is by its message id: one taken from another confirm waits here for its own, or,
+    /// when that came first, without it, goes to [`Inflight::late`] with the reading's body.
+    fn own_return(&mut self, id: &str, confirmation: Confirmation) -> Confirmation {
+        let (ack, carried) = match confirmation {
+            Confirmation::Ack(carried) => (true, carried),
+            Confirmation::Nack(carried) => (false, carried),
+            Confirmation::NotRequested => return Confirmation::NotRequested,
+        };
+        let mut own = None;
+        if let Some(returned) = carried {
+            match returned.delivery.properties.message_id() {
+                Some(owner) if owner.as_str() != id => {
+                    let owner = owner.as_str();
+                    if self.waiting.values().any(|(msg, _)| msg.id == owner) {
+                        self.returned_elsewhere.insert(owner.to_owned(), returned);
+                    } else {
+                        self.late.push(returned);
+                    }
+                }
+                _ => own = Some(returned),
+            }
+        }
+        if own.is_none() && !self.returned_elsewhere.is_empty() {
+            own = self.returned_elsewhere.remove(id);
+        }
+        match ack {
+            true => Confirmation::Ack(own),
+            false => Confirmation::Nack(own),
+        }
+    }
+
+    /// A reading whose confirm came before its return, rebuilt from the return (which carries
+    /// the whole message), with the return: it was taken for stored, and is not.
+    pub fn late(&mut self) -> Option<(Outgoing, BasicReturnMessage)> {
+        let returned = self.late.pop()?;
+        let delivery = &returned.delivery;
+        let msg = Outgoing {
+            id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default(),
+            body: delivery.data.clone(),
+            published_before: true,
+            counted: true,
+        };
+        Some((msg, returned))
     }
 
     /// Takes back a reading whose confirm failed (its channel is gone), so that it goes back

@@ -268,7 +268,17 @@ impl Publisher {
                     let mut next = Some(first);
                     while let Some((confirmed, confirmation)) = next.take() {
                         match confirmation {
-                            Ok(c) => self.settle(confirmed.msg, confirmed.sent, c),
+                            Ok(c) => {
+                                self.metrics
+                                    .confirm_duration
+                                    .observe(confirmed.sent.elapsed().as_secs_f64());
+                                self.settle(confirmed.msg, c);
+                                while let Some((msg, returned)) = inflight.late() {
+                                    warn!(message = "A reading taken for stored came back unroutable after its confirm; it will be republished.", reading_id = msg.id);
+                                    self.summary.confirmed = self.summary.confirmed.saturating_sub(1);
+                                    self.settle(msg, Confirmation::Ack(Some(returned)));
+                                }
+                            }
                             Err(e) => {
                                 inflight.restore(confirmed);
                                 return Err(e.into());
@@ -414,14 +424,13 @@ impl Publisher {
         Ok(())
     }
 
-    fn settle(&mut self, msg: Outgoing, sent: Instant, confirmation: Confirmation) {
-        self.metrics
-            .confirm_duration
-            .observe(sent.elapsed().as_secs_f64());
+    fn settle(&mut self, msg: Outgoing, confirmation: Confirmation) {
         let (unroutable, problem) = match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => {
                 self.summary.confirmed += 1;
-                self.metrics.confirmed.inc();
+                if !msg.counted {
+                    self.metrics.confirmed.inc();
+                }
                 if self.retry.accepted() {
                     self.health.set_problem(None);
                     info!(

@@ -90,6 +90,7 @@ mod tests {
             id: id.into(),
             body: Vec::new(),
             published_before: true,
+            counted: false,
         }
     }
 

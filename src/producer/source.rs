@@ -14,6 +14,9 @@ pub(super) struct Outgoing {
     pub id: String,
     pub body: Vec<u8>,
     pub published_before: bool,
+    /// Counted in `producer_messages_confirmed_total` already: its confirm came before its
+    /// return (see [`super::inflight`]), and the counter cannot go back.
+    pub counted: bool,
 }
 
 /// The readings of a [`Mode`], made as they are asked for.
@@ -62,12 +65,14 @@ impl Source {
                     id: id.to_string(),
                     body,
                     published_before: false,
+                    counted: false,
                 })
             }
             Source::One(body) => body.take().map(|body| Outgoing {
                 id: Uuid::now_v7().to_string(),
                 body,
                 published_before: false,
+                counted: false,
             }),
         }
     }
