@@ -375,6 +375,11 @@ async fn a_return_handed_to_another_readings_confirm_still_republishes_its_own_r
         .unwrap()
         .unwrap();
     assert_all_confirmed(summary, N);
+    assert_eq!(
+        deps.metrics.confirmed.get(),
+        N,
+        "each reading counted once in producer_messages_confirmed_total, a late return's too"
+    );
     assert!(
         deps.metrics.returned.get() > 0,
         "no reading came back: the binding never went while readings were in flight"

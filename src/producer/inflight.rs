@@ -138,8 +138,8 @@ impl Inflight {
     /// A reading whose confirm came before its return, rebuilt from the return (which carries
     /// the whole message), with the return: it was taken for stored, and is not.
     pub fn late(&mut self) -> Option<(Outgoing, BasicReturnMessage)> {
-        let returned = self.late.pop()?;
-        let delivery = &returned.delivery;
+        let mut returned = self.late.pop()?;
+        let delivery = &mut returned.delivery;
         let msg = Outgoing {
             id: delivery
                 .properties
@@ -147,7 +147,7 @@ impl Inflight {
                 .as_ref()
                 .map(|id| id.as_str().to_owned())
                 .unwrap_or_default(),
-            body: delivery.data.clone(),
+            body: std::mem::take(&mut delivery.data),
             published_before: true,
             counted: true,
         };
@@ -166,5 +166,97 @@ impl Inflight {
         let mut lost: Vec<_> = self.waiting.into_iter().collect();
         lost.sort_unstable_by_key(|(n, _)| *n);
         lost.into_iter().map(|(_, (msg, _))| msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::message::Delivery;
+    use lapin::BasicProperties;
+
+    use super::*;
+
+    fn reading(id: &str) -> Outgoing {
+        Outgoing {
+            id: id.into(),
+            body: format!("body of {id}").into_bytes(),
+            published_before: true,
+            counted: false,
+        }
+    }
+
+    /// What RabbitMQ sends back for an unroutable reading: the whole message.
+    fn returned(id: &str) -> BasicReturnMessage {
+        let mut delivery = Delivery::mock(
+            0,
+            "weather".into(),
+            "weather_key".into(),
+            false,
+            format!("body of {id}").into_bytes(),
+        );
+        delivery.properties = BasicProperties::default().with_message_id(id.into());
+        BasicReturnMessage {
+            delivery,
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        }
+    }
+
+    fn in_flight(ids: &[&str]) -> Inflight {
+        let mut inflight = Inflight::new(8);
+        for (n, id) in ids.iter().enumerate() {
+            inflight
+                .waiting
+                .insert(n as u64 + 1, (reading(id), Instant::now()));
+        }
+        inflight
+    }
+
+    /// The id of the reading a settled confirm is for, and the id its return (if any) names.
+    fn settle(inflight: &mut Inflight, n: u64, c: Confirmation) -> (String, Option<String>) {
+        let (confirmed, confirmation) = inflight.confirmed(n, Ok(c)).unwrap();
+        let own = match confirmation.unwrap() {
+            Confirmation::Ack(r) | Confirmation::Nack(r) => r,
+            Confirmation::NotRequested => None,
+        };
+        let named = own.map(|r| {
+            let id = r.delivery.properties.message_id().clone().unwrap();
+            id.as_str().to_owned()
+        });
+        (confirmed.msg.id, named)
+    }
+
+    #[test]
+    fn a_routed_readings_confirm_carrying_anothers_return_hands_it_to_its_own() {
+        let mut inflight = in_flight(&["routed", "unroutable"]);
+        let carried = Confirmation::Ack(Some(returned("unroutable")));
+        assert_eq!(settle(&mut inflight, 1, carried), ("routed".into(), None));
+        assert_eq!(
+            settle(&mut inflight, 2, Confirmation::Ack(None)),
+            ("unroutable".into(), Some("unroutable".into()))
+        );
+        assert!(inflight.late().is_none());
+    }
+
+    #[test]
+    fn a_return_that_comes_after_its_readings_confirm_brings_the_reading_back() {
+        // Both unroutable, each confirm carrying the other's return, the first read first.
+        let mut inflight = in_flight(&["first", "second"]);
+        let first = settle(
+            &mut inflight,
+            1,
+            Confirmation::Ack(Some(returned("second"))),
+        );
+        assert_eq!(first, ("first".into(), None), "taken for stored, for now");
+        let second = settle(&mut inflight, 2, Confirmation::Ack(Some(returned("first"))));
+        assert_eq!(second, ("second".into(), Some("second".into())));
+        let (back, with) = inflight
+            .late()
+            .expect("the first reading, rebuilt from its return");
+        assert_eq!(back.id, "first");
+        assert_eq!(back.body, b"body of first");
+        assert!(back.counted, "already counted as confirmed once");
+        assert_eq!(with.reply_code, 312);
+        assert!(inflight.late().is_none());
     }
 }

@@ -5,7 +5,8 @@
 //! return (unroutable; we publish `mandatory`) or a lost connection puts the reading back in a
 //! retry queue, republished after a backoff or on the next connection, with the same message id,
 //! so the consumer stores it once however often it is sent. Nothing is forgotten: a reading leaves
-//! the producer's memory only on a positive, routed confirm.
+//! the producer's memory only on a positive confirm, and one whose return comes after that confirm
+//! is rebuilt from the return and sent again (see `inflight`).
 
 use std::sync::Arc;
 use std::task::Poll;
@@ -216,8 +217,51 @@ impl Publisher {
         let result = self
             .confirm_loop(conn, channel, health, token, &mut inflight)
             .await;
+        // Confirms already in but not read (the loop ended at an error or a stop) go through
+        // `settle` too: one may carry the return of a reading already taken for stored
+        // (inflight.rs). A few turns, in case lapin's thread is enqueueing one just then.
+        for _ in 0..3 {
+            self.settle_run(&mut inflight, None);
+            tokio::task::yield_now().await;
+        }
         self.retry.put_back(inflight.into_unconfirmed());
         result
+    }
+
+    /// Settles `first` and every confirm already in: the broker confirms in runs (`multiple`),
+    /// so all of a run are settled before publishing again, not one per turn of the loop. A
+    /// confirm that failed (its channel is gone) leaves its reading in flight; the first such
+    /// error is returned once every confirm already in was read.
+    fn settle_run(
+        &mut self,
+        inflight: &mut Inflight,
+        first: Option<inflight::Settled>,
+    ) -> Option<lapin::Error> {
+        let mut failed = None;
+        let mut next = first.or_else(|| inflight.ready());
+        while let Some((confirmed, confirmation)) = next.take() {
+            match confirmation {
+                Ok(c) => {
+                    self.metrics
+                        .confirm_duration
+                        .observe(confirmed.sent.elapsed().as_secs_f64());
+                    self.settle(confirmed.msg, c);
+                    while let Some((msg, returned)) = inflight.late() {
+                        if let Some(suppressed) = self.log.allow(Instant::now()) {
+                            warn!(message = "A reading taken for stored came back unroutable after its confirm; it will be republished.", reading_id = msg.id, suppressed);
+                        }
+                        self.summary.confirmed = self.summary.confirmed.saturating_sub(1);
+                        self.settle(msg, Confirmation::Ack(Some(returned)));
+                    }
+                }
+                Err(e) => {
+                    inflight.restore(confirmed);
+                    failed.get_or_insert(e);
+                }
+            }
+            next = inflight.ready();
+        }
+        failed
     }
 
     async fn confirm_loop(
@@ -263,28 +307,8 @@ impl Publisher {
                 // Confirms first: at shutdown, one already in must not be taken for missing.
                 biased;
                 Some(first) = inflight.next() => {
-                    // The broker confirms in runs (`multiple`): settle every one already in before
-                    // publishing again, rather than one per turn of the loop.
-                    let mut next = Some(first);
-                    while let Some((confirmed, confirmation)) = next.take() {
-                        match confirmation {
-                            Ok(c) => {
-                                self.metrics
-                                    .confirm_duration
-                                    .observe(confirmed.sent.elapsed().as_secs_f64());
-                                self.settle(confirmed.msg, c);
-                                while let Some((msg, returned)) = inflight.late() {
-                                    warn!(message = "A reading taken for stored came back unroutable after its confirm; it will be republished.", reading_id = msg.id);
-                                    self.summary.confirmed = self.summary.confirmed.saturating_sub(1);
-                                    self.settle(msg, Confirmation::Ack(Some(returned)));
-                                }
-                            }
-                            Err(e) => {
-                                inflight.restore(confirmed);
-                                return Err(e.into());
-                            }
-                        }
-                        next = inflight.ready();
+                    if let Some(e) = self.settle_run(inflight, Some(first)) {
+                        return Err(e.into());
                     }
                 }
                 _ = tick.tick() => {
