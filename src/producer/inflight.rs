@@ -21,8 +21,19 @@ pub(super) struct Confirmed {
     pub sent: Instant,
 }
 
-/// A confirm: the reading, and what the broker said.
-pub(super) type Settled = (Confirmed, lapin::Result<Confirmation>);
+/// What the broker said of a reading, its own return included (see [`Inflight::own_return`]).
+/// Small, unlike lapin's `Confirmation`, which holds a whole returned message inline.
+pub(super) enum Outcome {
+    /// Routed: a positive confirm without a return.
+    Stored,
+    /// Unroutable (we publish `mandatory`): a positive confirm, and the reading's return.
+    Returned(Box<BasicReturnMessage>),
+    /// Refused by the broker.
+    Nacked,
+}
+
+/// A confirm: the reading, and what the broker said, or the error that ended its channel.
+pub(super) type Settled = (Confirmed, lapin::Result<Outcome>);
 
 /// Lives as long as one channel: confirm sequence numbers start again on the next.
 pub(super) struct Inflight {
@@ -93,8 +104,8 @@ impl Inflight {
 
     fn confirmed(&mut self, n: u64, confirmation: lapin::Result<Confirmation>) -> Option<Settled> {
         let (msg, sent) = self.waiting.remove(&n)?;
-        let confirmation = confirmation.map(|c| self.own_return(&msg.id, c));
-        Some((Confirmed { seq: n, msg, sent }, confirmation))
+        let outcome = confirmation.map(|c| self.own_return(&msg.id, c));
+        Some((Confirmed { seq: n, msg, sent }, outcome))
     }
 
     /// The confirm with the return of this reading, if any, whichever confirm brought it.
@@ -106,11 +117,11 @@ impl Inflight {
     /// return and the unroutable one a plain ack, which would count it as stored. A return says
     /// whose it is by its message id: one taken from another confirm waits here for its own, or,
     /// when that came first, without it, goes to [`Inflight::late`] with the reading's body.
-    fn own_return(&mut self, id: &str, confirmation: Confirmation) -> Confirmation {
+    fn own_return(&mut self, id: &str, confirmation: Confirmation) -> Outcome {
         let (ack, carried) = match confirmation {
             Confirmation::Ack(carried) => (true, carried),
             Confirmation::Nack(carried) => (false, carried),
-            Confirmation::NotRequested => return Confirmation::NotRequested,
+            Confirmation::NotRequested => return Outcome::Stored,
         };
         let mut own = None;
         if let Some(returned) = carried {
@@ -129,15 +140,16 @@ impl Inflight {
         if own.is_none() && !self.returned_elsewhere.is_empty() {
             own = self.returned_elsewhere.remove(id);
         }
-        match ack {
-            true => Confirmation::Ack(own),
-            false => Confirmation::Nack(own),
+        match (ack, own) {
+            (false, _) => Outcome::Nacked,
+            (true, Some(returned)) => Outcome::Returned(Box::new(returned)),
+            (true, None) => Outcome::Stored,
         }
     }
 
     /// A reading whose confirm came before its return, rebuilt from the return (which carries
     /// the whole message), with the return: it was taken for stored, and is not.
-    pub fn late(&mut self) -> Option<(Outgoing, BasicReturnMessage)> {
+    pub fn late(&mut self) -> Option<(Outgoing, Outcome)> {
         let mut returned = self.late.pop()?;
         let delivery = &mut returned.delivery;
         let msg = Outgoing {
@@ -151,7 +163,7 @@ impl Inflight {
             published_before: true,
             counted: true,
         };
-        Some((msg, returned))
+        Some((msg, Outcome::Returned(Box::new(returned))))
     }
 
     /// Takes back a reading whose confirm failed (its channel is gone), so that it goes back
@@ -212,18 +224,21 @@ mod tests {
         inflight
     }
 
+    /// The id its return names, if the outcome is a return.
+    fn returned_id(outcome: &Outcome) -> Option<String> {
+        match outcome {
+            Outcome::Returned(r) => {
+                let id = r.delivery.properties.message_id().clone().unwrap();
+                Some(id.as_str().to_owned())
+            }
+            Outcome::Stored | Outcome::Nacked => None,
+        }
+    }
+
     /// The id of the reading a settled confirm is for, and the id its return (if any) names.
     fn settle(inflight: &mut Inflight, n: u64, c: Confirmation) -> (String, Option<String>) {
-        let (confirmed, confirmation) = inflight.confirmed(n, Ok(c)).unwrap();
-        let own = match confirmation.unwrap() {
-            Confirmation::Ack(r) | Confirmation::Nack(r) => r,
-            Confirmation::NotRequested => None,
-        };
-        let named = own.map(|r| {
-            let id = r.delivery.properties.message_id().clone().unwrap();
-            id.as_str().to_owned()
-        });
-        (confirmed.msg.id, named)
+        let (confirmed, outcome) = inflight.confirmed(n, Ok(c)).unwrap();
+        (confirmed.msg.id, returned_id(&outcome.unwrap()))
     }
 
     #[test]
@@ -256,7 +271,7 @@ mod tests {
         assert_eq!(back.id, "first");
         assert_eq!(back.body, b"body of first");
         assert!(back.counted, "already counted as confirmed once");
-        assert_eq!(with.reply_code, 312);
+        assert_eq!(returned_id(&with).as_deref(), Some("first"));
         assert!(inflight.late().is_none());
     }
 }

@@ -13,7 +13,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use lapin::options::BasicPublishOptions;
-use lapin::{Channel, Confirmation, Connection};
+use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -29,7 +29,7 @@ mod inflight;
 mod retries;
 mod source;
 
-use inflight::Inflight;
+use inflight::{Inflight, Outcome};
 use retries::Retries;
 use source::{Outgoing, Pacer, Source};
 
@@ -239,19 +239,19 @@ impl Publisher {
     ) -> Option<lapin::Error> {
         let mut failed = None;
         let mut next = first.or_else(|| inflight.ready());
-        while let Some((confirmed, confirmation)) = next.take() {
-            match confirmation {
-                Ok(c) => {
+        while let Some((confirmed, outcome)) = next.take() {
+            match outcome {
+                Ok(outcome) => {
                     self.metrics
                         .confirm_duration
                         .observe(confirmed.sent.elapsed().as_secs_f64());
-                    self.settle(confirmed.msg, c);
+                    self.settle(confirmed.msg, outcome);
                     while let Some((msg, returned)) = inflight.late() {
                         if let Some(suppressed) = self.log.allow(Instant::now()) {
                             warn!(message = "A reading taken for stored came back unroutable after its confirm; it will be republished.", reading_id = msg.id, suppressed);
                         }
                         self.summary.confirmed = self.summary.confirmed.saturating_sub(1);
-                        self.settle(msg, Confirmation::Ack(Some(returned)));
+                        self.settle(msg, returned);
                     }
                 }
                 Err(e) => {
@@ -448,9 +448,9 @@ impl Publisher {
         Ok(())
     }
 
-    fn settle(&mut self, msg: Outgoing, confirmation: Confirmation) {
-        let (unroutable, problem) = match confirmation {
-            Confirmation::Ack(None) | Confirmation::NotRequested => {
+    fn settle(&mut self, msg: Outgoing, outcome: Outcome) {
+        let (unroutable, problem) = match outcome {
+            Outcome::Stored => {
                 self.summary.confirmed += 1;
                 if !msg.counted {
                     self.metrics.confirmed.inc();
@@ -464,7 +464,7 @@ impl Publisher {
                 }
                 return;
             }
-            Confirmation::Ack(Some(returned)) => {
+            Outcome::Returned(returned) => {
                 self.metrics.returned.inc();
                 let why = format!(
                     "returned as unroutable ({} {})",
@@ -472,7 +472,7 @@ impl Publisher {
                 );
                 (true, why)
             }
-            Confirmation::Nack(_) => {
+            Outcome::Nacked => {
                 self.metrics.nacked.inc();
                 (false, "nacked by the broker".to_owned())
             }
