@@ -79,7 +79,9 @@ password() {
 }
 
 user_exists() {
-  ctl list_users --no-table-headers | cut -f1 | grep -qxF -- "$1"
+  # grep reads to the end: with -q it would stop at the match, and under pipefail
+  # rabbitmqctl's write to the closed pipe would make an existing user look absent.
+  ctl list_users --no-table-headers | cut -f1 | grep -xF -- "$1" >/dev/null
 }
 
 for spec in "${specs[@]+"${specs[@]}"}"; do
