@@ -179,6 +179,36 @@ pub struct Service {
     pub shutdown_timeout: Duration,
 }
 
+impl Service {
+    /// A daemon's service: `/metrics` is `render` of `deps`' metrics in its current phase, and the
+    /// status line `status` of them. `listen` is `None` for a run that serves no metrics.
+    pub fn new<M: Send + Sync + 'static>(
+        deps: &Deps<M>,
+        listen: Option<SocketAddr>,
+        metrics: &config::MetricsConfig,
+        shutdown_timeout: Duration,
+        render: fn(&M, crate::health::Phase) -> String,
+        status: fn(&M, &crate::health::Health) -> String,
+    ) -> Result<Self, ExitCode> {
+        // Checked at start with the rest of the configuration; read again here.
+        let web = metrics.web().map_err(|e| {
+            eprintln!("configuration error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })?;
+        let (m, h) = (deps.metrics.clone(), deps.health.clone());
+        let render = std::sync::Arc::new(move || render(&m, h.phase()));
+        let (m, h) = (deps.metrics.clone(), deps.health.clone());
+        Ok(Self {
+            listen,
+            web,
+            render,
+            status: std::sync::Arc::new(move || status(&m, &h)),
+            health: deps.health.clone(),
+            shutdown_timeout,
+        })
+    }
+}
+
 /// The metrics listener: the socket systemd passed, else `addr` bound here; non-blocking, for
 /// the metrics thread's runtime.
 pub fn metrics_listener_or_bind(addr: SocketAddr) -> Result<std::net::TcpListener, String> {

@@ -59,9 +59,7 @@ fn close_connection_named(name: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_memory_alarm_neither_wedges_the_consumer_nor_stalls_the_producer() {
     let names = Names::new("alarm");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let mut ids = publish_readings(&client, &names, 100).await;
     client
         .publish_all(

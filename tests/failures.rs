@@ -51,9 +51,7 @@ fn publish_known(names: &Names, n: usize) -> (Vec<Uuid>, tokio::task::JoinHandle
 #[tokio::test(flavor = "multi_thread")]
 async fn consumer_killed_mid_stream_and_restarted_stores_every_reading_once() {
     let names = Names::new("sigkill");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let (ids, publishing) = publish_known(&names, 20_000);
 
     let mut first = spawn_consumer_binary(&names);
@@ -81,9 +79,7 @@ async fn consumer_killed_mid_stream_and_restarted_stores_every_reading_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_stream_exits_0_and_loses_nothing() {
     let names = Names::new("sigterm");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let (ids, publishing) = publish_known(&names, 20_000);
 
     let mut child = spawn_consumer_binary(&names);

@@ -17,11 +17,8 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// A running consumer on `names`' schema and on queues declared as the older system did, with a
 /// broker and a database client beside it.
 async fn consumer_on_the_old_topology(names: &Names) -> (Client, tokio_postgres::Client, Running) {
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
-    let running = start_consumer(names.consumer_config());
-    wait_running(&running.0.health).await;
+    let client = names.prepare().await;
+    let running = start_running(names.consumer_config()).await;
     (client, pg_client(&pg_url()).await, running)
 }
 
@@ -214,9 +211,7 @@ async fn an_ip_literal_database_address_is_the_one_connected_to() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_with_large_headers_neither_blocks_the_queue_nor_the_dead_letter() {
     let names = Names::new("big-headers");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let mut headers = lapin::types::FieldTable::default();
     headers.insert(
         "x-trace".into(),
@@ -252,12 +247,9 @@ async fn a_message_with_large_headers_neither_blocks_the_queue_nor_the_dead_lett
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_of_dead_letters_only_is_not_a_commit() {
     let names = Names::new("no-commit");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
-    let running = start_consumer(names.consumer_config());
+    let client = names.prepare().await;
+    let running = start_running(names.consumer_config()).await;
     let (deps, _, _) = &running;
-    wait_running(&deps.health).await;
     client
         .publish_all(
             &names.exchange,
@@ -341,12 +333,9 @@ async fn the_broker_password_is_in_no_log_at_any_level() {
 async fn dead_letters_of_one_reason_are_replayed_once_the_cause_is_mended() {
     use sistema_mensajes::consumer::replay::{self, Replayed};
     let names = Names::new("replay");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let cfg = names.consumer_config();
-    let running = start_consumer(cfg.clone());
-    wait_running(&running.0.health).await;
+    let running = start_running(cfg.clone()).await;
     let table = format!("{}.weather_logs", names.schema);
     let pg = pg_client(&pg_url()).await;
     pg.batch_execute(&format!(
@@ -422,13 +411,10 @@ async fn dead_letters_of_one_reason_are_replayed_once_the_cause_is_mended() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_too_large_message_is_held_and_dead_lettered_cut_to_the_limit() {
     let names = Names::new("too-large");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let cfg = names.consumer_config();
     let limit = cfg.validation.max_message_bytes;
-    let running = start_consumer(cfg);
-    wait_running(&running.0.health).await;
+    let running = start_running(cfg).await;
     let body = vec![b'{'; 1 << 20];
     client
         .publish_all(
@@ -454,12 +440,9 @@ async fn a_too_large_message_is_held_and_dead_lettered_cut_to_the_limit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_exchange_of_the_wrong_type_holds_the_message_visibly() {
     let names = Names::new("dlx-direct");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
-    let running = start_consumer(names.consumer_config());
+    let client = names.prepare().await;
+    let running = start_running(names.consumer_config()).await;
     let (deps, _, _) = &running;
-    wait_running(&deps.health).await;
     let dlx = names.dead_letter_exchange.as_str();
     let ch = client.conn.create_channel().await.unwrap();
     ch.exchange_delete(dlx.into(), Default::default())
@@ -510,12 +493,9 @@ async fn a_replay_leaves_cut_and_unroutable_dead_letters_in_place_and_sends_the_
 ) {
     use sistema_mensajes::consumer::replay;
     let names = Names::new("replay-partial");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let cfg = names.consumer_config();
-    let running = start_consumer(cfg.clone());
-    wait_running(&running.0.health).await;
+    let running = start_running(cfg.clone()).await;
     client
         .publish_all(
             &names.exchange,

@@ -30,14 +30,11 @@ async fn publish_raw(client: &Client, names: &Names, body: &[u8]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_database_outage_leaves_the_unstored_batch_in_the_queue() {
     let names = Names::new("term-outage");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let proxy = Proxy::start(target_of(&pg_url())).await;
     let mut cfg = names.consumer_config_via(&amqp_url(), &proxy.url(&pg_url()));
     cfg.batch.max_size = 10; // the 10 readings are one batch, the invalid message the next
-    let first = start_consumer(cfg);
-    wait_running(&first.0.health).await;
+    let first = start_running(cfg).await;
 
     proxy.cut();
     let ids = publish_readings(&client, &names, 10).await;
@@ -80,11 +77,8 @@ async fn sigterm_during_a_database_outage_leaves_the_unstored_batch_in_the_queue
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_dead_letter_exchange_or_queue_is_redeclared_and_nothing_is_lost() {
     let names = Names::new("dlx-gone");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
-    let running = start_consumer(names.consumer_config());
-    wait_running(&running.0.health).await;
+    let client = names.prepare().await;
+    let running = start_running(names.consumer_config()).await;
     let metrics = running.0.metrics.clone();
     let mut ids = Vec::new();
 
@@ -147,9 +141,7 @@ async fn a_deleted_dead_letter_exchange_or_queue_is_redeclared_and_nothing_is_lo
 #[tokio::test(flavor = "multi_thread")]
 async fn pending_is_exact_through_outages_reconnects_and_shutdown() {
     let names = Names::new("pending");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let pg = Proxy::start(target_of(&pg_url())).await;
     let broker = Proxy::start(target_of(&amqp_url())).await;
     let running =
@@ -215,14 +207,11 @@ async fn pending_is_exact_through_outages_reconnects_and_shutdown() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_connection_that_timed_out_is_replaced() {
     let names = Names::new("pg-silent");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let pg = Proxy::start(target_of(&pg_url())).await;
     let mut cfg = names.consumer_config_via(&amqp_url(), &pg.url(&pg_url()));
     cfg.postgres.statement_timeout = Duration::from_millis(500);
-    let running = start_consumer(cfg);
-    wait_running(&running.0.health).await;
+    let running = start_running(cfg).await;
     let before = pg.connections();
 
     pg.hang_open_connections();
@@ -463,8 +452,7 @@ async fn a_schema_named_like_a_keyword_works() {
     names.predeclare_like_the_old_system(&client.channel).await;
     let mut cfg = names.consumer_config();
     cfg.postgres.schema = "user".to_owned().try_into().unwrap();
-    let running = start_consumer(cfg);
-    wait_running(&running.0.health).await;
+    let running = start_running(cfg).await;
     publish_readings(&client, &names, 3).await;
     let pg = pg_client(&pg_url()).await;
     wait_until(LIMIT, "rows in schema \"user\"", || async {
@@ -498,9 +486,7 @@ async fn scrape(addr: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_idle_metrics_connections_starves_neither_a_scrape_nor_the_pipeline() {
     let names = Names::new("scrape-flood");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()

@@ -187,8 +187,7 @@ async fn readings_inserted_again_across_a_partition_boundary_are_stored_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn older_clients_readings_published_twice_are_stored_once() {
     let names = Names::new("part-old");
-    let consumer = start_consumer(names.consumer_config());
-    wait_running(&consumer.0.health).await;
+    let consumer = start_running(names.consumer_config()).await;
     let client = Client::connect().await;
     let boundary = midnight(1);
     let at = |t: OffsetDateTime| {
@@ -367,8 +366,7 @@ async fn a_million_rows_are_partitioned_while_readings_keep_arriving() {
         .unwrap();
 
     // The consumer applies 0004 (functions) but leaves a table with rows unpartitioned.
-    let consumer = start_consumer(names.consumer_config());
-    wait_running(&consumer.0.health).await;
+    let consumer = start_running(names.consumer_config()).await;
     let kind = || async {
         let pg = pg_client(&pg_url()).await;
         let k: i8 = pg.query_one(&format!("SELECT relkind::\"char\" FROM pg_class WHERE oid = '{s}.weather_logs'::regclass"), &[]).await.unwrap().get(0);

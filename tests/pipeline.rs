@@ -51,10 +51,7 @@ async fn n_readings_in_give_n_rows_out_and_an_empty_queue() {
 #[tokio::test(flavor = "multi_thread")]
 async fn old_four_field_messages_from_a_plain_client_are_stored() {
     let names = Names::new("old-client");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    // The broker already has the queue the older system declared: durable, no arguments.
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let bodies: Vec<_> = (0..5)
         .map(|i| {
             (
@@ -221,9 +218,7 @@ async fn malformed_messages_are_dead_lettered_with_their_reason_and_block_nothin
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_the_database_refuses_is_isolated_and_the_rest_of_its_batch_stored() {
     let names = Names::new("refused-row");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     // The operator added a rule the consumer does not know about.
     let pg = pg_client(&pg_url()).await;
     pg.batch_execute(&format!(
@@ -481,9 +476,7 @@ async fn readings_are_stored_when_the_flow_pauses_not_after_max_wait() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stations_not_heard_from_are_counted_as_silent() {
     let names = Names::new("silent-stations");
-    names.create_schema().await;
-    let client = Client::connect().await;
-    names.predeclare_like_the_old_system(&client.channel).await;
+    let client = names.prepare().await;
     let mut cfg = names.consumer_config();
     cfg.stations.silent_after = Duration::from_secs(1);
     let (deps, token, consumer) = start_consumer(cfg);

@@ -1,13 +1,13 @@
 //! `consumer`: stores weather readings from RabbitMQ in PostgreSQL. All logic is in the library.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use sistema_mensajes::config::ConsumerConfig;
 use sistema_mensajes::consumer::admin::{self, AdminError};
 use sistema_mensajes::consumer::{self, replay, Deps};
 use sistema_mensajes::daemon::{self, CommonArgs, Service};
+use sistema_mensajes::metrics::ConsumerMetrics;
 
 /// Reads weather readings from RabbitMQ, validates them and stores each exactly once in
 /// PostgreSQL. Invalid messages go to the dead-letter queue with their reason.
@@ -102,22 +102,14 @@ fn main() -> ExitCode {
             }
         }
         let deps = Deps::default();
-        let (metrics, health) = (deps.metrics.clone(), deps.health.clone());
-        let service = Service {
-            listen: Some(cfg.metrics.listen),
-            // Checked at start with the rest of the configuration; read again here.
-            web: cfg.metrics.web().map_err(|e| {
-                eprintln!("configuration error: {e}");
-                ExitCode::from(sistema_mensajes::config::EXIT_CONFIG)
-            })?,
-            render: Arc::new({
-                let (metrics, health) = (metrics.clone(), health.clone());
-                move || metrics.render(health.phase())
-            }),
-            status: Arc::new(move || consumer::status_line(&metrics, &health)),
-            health: deps.health.clone(),
-            shutdown_timeout: cfg.shutdown_timeout,
-        };
+        let service = Service::new(
+            &deps,
+            Some(cfg.metrics.listen),
+            &cfg.metrics,
+            cfg.shutdown_timeout,
+            ConsumerMetrics::render,
+            consumer::status_line,
+        )?;
         daemon::runtime()?.block_on(daemon::serve(service, |token| {
             consumer::run(cfg, deps, token)
         }))

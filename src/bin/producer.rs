@@ -1,11 +1,11 @@
 //! `producer`: publishes simulated weather readings to RabbitMQ. All logic is in the library.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use sistema_mensajes::config::ProducerConfig;
 use sistema_mensajes::daemon::{self, CommonArgs, Service, EXIT_FAILURE};
+use sistema_mensajes::metrics::ProducerMetrics;
 use sistema_mensajes::producer::{self, Deps, Mode};
 use tracing::{error, info};
 
@@ -35,23 +35,15 @@ fn main() -> ExitCode {
     let run = || -> Result<(), ExitCode> {
         let cfg: ProducerConfig = daemon::setup(&cli.common, "producer")?;
         let deps = Deps::default();
-        let (metrics, health) = (deps.metrics.clone(), deps.health.clone());
-        let service = Service {
+        let service = Service::new(
+            &deps,
             // A one-shot send serves no metrics, so it runs beside a producer daemon.
-            listen: (!matches!(mode, Mode::Send(_))).then_some(cfg.metrics.listen),
-            // Checked at start with the rest of the configuration; read again here.
-            web: cfg.metrics.web().map_err(|e| {
-                eprintln!("configuration error: {e}");
-                ExitCode::from(sistema_mensajes::config::EXIT_CONFIG)
-            })?,
-            render: Arc::new({
-                let (metrics, health) = (metrics.clone(), health.clone());
-                move || metrics.render(health.phase())
-            }),
-            status: Arc::new(move || producer::status_line(&metrics, &health)),
-            health: deps.health.clone(),
-            shutdown_timeout: cfg.shutdown_timeout,
-        };
+            (!matches!(mode, Mode::Send(_))).then_some(cfg.metrics.listen),
+            &cfg.metrics,
+            cfg.shutdown_timeout,
+            ProducerMetrics::render,
+            producer::status_line,
+        )?;
         let summary = daemon::runtime()?.block_on(daemon::serve(service, |token| {
             producer::run(cfg, mode, deps, token)
         }))?;

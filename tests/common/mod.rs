@@ -174,6 +174,14 @@ impl Names {
             .unwrap();
     }
 
+    /// The schema, and the queues as the older system declared them; the broker client it used.
+    pub async fn prepare(&self) -> Client {
+        self.create_schema().await;
+        let client = Client::connect().await;
+        self.predeclare_like_the_old_system(&client.channel).await;
+        client
+    }
+
     pub fn consumer_config(&self) -> ConsumerConfig {
         self.consumer_config_via(&amqp_url(), &pg_url())
     }
@@ -725,6 +733,13 @@ pub fn start_consumer(cfg: ConsumerConfig) -> Running {
         }
     });
     (deps, token, run)
+}
+
+/// [`start_consumer`], once it is Running.
+pub async fn start_running(cfg: ConsumerConfig) -> Running {
+    let running = start_consumer(cfg);
+    wait_running(&running.0.health).await;
+    running
 }
 
 pub async fn stop_consumer((_, token, run): Running) {
